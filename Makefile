@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first, from local disk; everything after it keeps that build.
+	$(PIP) install -q "torch==2.13.0"
+	# llama-cpp-python builds from source (~5 min on 2 cores, then cached by pip): a portable build.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF" $(PIP) install -q -e ".[llama,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fabrika run examples/tiny-cpu.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

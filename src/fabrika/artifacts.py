@@ -1,0 +1,249 @@
+"""Run directories, manifests, fingerprints and crash-safe writes.
+
+A stage writes everything under its own directory and `manifest.json` last, atomically: a stage
+directory with a manifest is finished, one without is interrupted. The manifest's fingerprint (the
+stage's config, its inputs' fingerprints and the fabrika version) is how the pipeline knows that a
+finished stage can be reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from fabrika import __version__
+from fabrika.errors import FabrikaError
+
+MANIFEST = "manifest.json"
+
+
+# --- crash-safe writes -------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def append_jsonl(path: str | Path, rows: list[dict[str, Any]], fsync: bool = True) -> None:
+    """Append rows to a JSONL journal; each row is one line, so a crash can only cut the last one."""
+    if not rows:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL journal, ignoring a last line cut short by a crash."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn final write
+            if line.strip():
+                yield json.loads(line)
+
+
+# --- hashing -----------------------------------------------------------------------------------
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of JSON-able data (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def path_fingerprint(path: str | Path) -> Any:
+    """Identify raw input files cheaply (path, size, mtime): re-hashing a 20 GB corpus on every run
+    would make a cached pipeline slow to say "nothing to do"."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        return [path_fingerprint(c) for c in sorted(p.rglob("*")) if c.is_file() and not c.name.startswith(".")]
+    return str(path)
+
+
+def describe_outputs(stage_dir: Path, hash_limit: int = 64 << 20) -> list[dict[str, Any]]:
+    """Files of a finished stage with sizes, and sha256 for those small enough to hash quickly."""
+    out = []
+    for p in sorted(stage_dir.rglob("*")):
+        if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
+            continue
+        size = p.stat().st_size
+        row: dict[str, Any] = {"path": str(p.relative_to(stage_dir)), "bytes": size}
+        if size <= hash_limit:
+            row["sha256"] = file_sha256(p)
+        out.append(row)
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "tokenizers", "accelerate", "datasets", "peft", "trl", "numpy"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    found["fabrika"] = __version__
+    found["python"] = platform.python_version()
+    return found
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
+                            "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["accelerator"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+# --- artifacts and the context a stage runs in -----------------------------------------------
+
+@dataclass
+class Artifact:
+    """What a stage hands to the next: its directory, the main output inside it, metrics."""
+
+    stage: str
+    kind: str
+    dir: Path
+    path: Path
+    fingerprint: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, stage_dir: str | Path) -> "Artifact":
+        stage_dir = Path(stage_dir)
+        m = read_manifest(stage_dir)
+        if m is None:
+            raise FabrikaError(f"{stage_dir}: no {MANIFEST}; the stage that writes it has not finished")
+        return cls(stage=m["stage"], kind=m["kind"], dir=stage_dir, path=stage_dir / m["artifact"]["path"],
+                   fingerprint=m["fingerprint"], metrics=m.get("metrics", {}), extra=m["artifact"].get("extra", {}))
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(stage_dir) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return read_json(p)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a manifest that is not whole counts as absent: the stage did not finish
+
+
+@dataclass
+class RunContext:
+    """Where a stage writes, what it reads, and which seed it uses.
+
+    `inputs` maps the names of upstream stages to their artifacts, so a config value that names a
+    stage (`data: prepare`) resolves to that stage's output; anything else is a path or a Hub id.
+    """
+
+    stage: str
+    kind: str
+    stage_dir: Path
+    seed: int = 0
+    inputs: dict[str, Artifact] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+    started: float = field(default_factory=time.time)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.stage_dir = Path(self.stage_dir)
+
+    def resolve(self, ref: str) -> str:
+        """A stage name becomes its artifact's path; a path or Hub id is returned unchanged."""
+        if ref in self.inputs:
+            return str(self.inputs[ref].path)
+        return ref
+
+    def input_artifact(self, ref: str) -> Artifact | None:
+        if ref in self.inputs:
+            return self.inputs[ref]
+        p = Path(ref)
+        if (p / MANIFEST).exists():
+            return Artifact.load(p)
+        if p.is_file() and (p.parent / MANIFEST).exists():
+            return Artifact.load(p.parent)
+        return None
+
+    def resolve_model(self, ref: str) -> str:
+        return self.models.get(ref, ref)
+
+    def finish(self, path: str | Path, config: Any, metrics: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> Artifact:
+        """Write the manifest, last: from now on the stage counts as done."""
+        rel = Path(path).resolve().relative_to(self.stage_dir.resolve())
+        cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+        ended = time.time()
+        manifest = {
+            "stage": self.stage,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "config": cfg,
+            "inputs": {name: {"path": str(a.path), "fingerprint": a.fingerprint} for name, a in self.inputs.items()},
+            "artifact": {"path": str(rel), "extra": extra or {}},
+            "outputs": describe_outputs(self.stage_dir),
+            "metrics": metrics or {},
+            "versions": package_versions(),
+            "host": host_info(),
+            "started": self.started,
+            "ended": ended,
+            "duration_s": round(ended - self.started, 3),
+        }
+        atomic_write_json(self.stage_dir / MANIFEST, manifest)
+        return Artifact(stage=self.stage, kind=self.kind, dir=self.stage_dir, path=self.stage_dir / rel,
+                        fingerprint=self.fingerprint, metrics=metrics or {}, extra=extra or {})

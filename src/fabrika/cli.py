@@ -1,0 +1,223 @@
+"""The `fabrika` command: one subcommand per stage, plus run, status and plan.
+
+Thin on purpose: parse flags, load the config, call the stage's `run`, print a summary. Stage modules
+are imported only when their command runs, so `fabrika --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fabrika.errors import FabrikaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fabrika: an LLM factory. Distil, pretrain, fine-tune, evaluate and export from one config.")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
+SetOpt = typer.Option(None, "--set", help="Override a setting: --set train.lr=1e-4 (repeatable).")
+OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (resumes if it exists).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
+                      out: Path, quiet: bool = False, seed: int = 0):
+    """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
+    from fabrika.artifacts import RunContext, fingerprint
+    from fabrika.config import load
+    from fabrika.pipeline import FINGERPRINT_FILE, stage_module
+
+    module = stage_module(kind)
+    cfg = load(module.CONFIG, config, flags=flags, overrides=overrides)
+    fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
+    out.mkdir(parents=True, exist_ok=True)
+    fp_file = out / FINGERPRINT_FILE
+    if fp_file.exists() and fp_file.read_text().strip() != fp and any(p.name != FINGERPRINT_FILE for p in out.iterdir()):
+        raise FabrikaError(f"{out}: holds the output of a {kind} run with other settings; "
+                           "choose another --out or delete it")
+    fp_file.write_text(fp + "\n")
+    ctx = RunContext(stage=kind, kind=kind, stage_dir=out, seed=seed, fingerprint=fp, quiet=quiet)
+    artifact = module.run(cfg, ctx)
+    if artifact.metrics and not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"{kind}: {artifact.path}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in artifact.metrics.items():
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(table)
+    return artifact
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML."),
+    set_: Optional[list[str]] = SetOpt,
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
+    start: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and everything after it."),
+    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage even if cached (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without running."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
+    from fabrika.pipeline import load_pipeline, run_pipeline, status_table
+
+    pipe = load_pipeline(pipeline, set_)
+    run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console)
+    if not dry_run:
+        console.print(status_table(pipe.run_dir))
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
+    """Show each stage of a run: done / interrupted / failed / pending, duration, key metrics."""
+    from fabrika.pipeline import status_table
+
+    console.print(status_table(run_dir))
+
+
+@app.command()
+def tokenizer(
+    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders or globs."),
+    dataset: Optional[str] = typer.Option(None, help="Hub dataset id (streamed) instead of files."),
+    vocab_size: Optional[int] = typer.Option(None, help="Vocabulary size."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Train a byte-level BPE tokenizer with a chat template."""
+    run_stage_command("tokenizer", config, {"paths": paths or None, "dataset": dataset, "vocab_size": vocab_size},
+                      set_, out, quiet)
+
+
+@app.command()
+def prepare(
+    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders or globs."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer dir or Hub id."),
+    dataset: Optional[str] = typer.Option(None, help="Hub dataset id (streamed) instead of files."),
+    shard_mb: Optional[float] = typer.Option(None, help="Shard size in MB."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Turn raw text into token shards for pretraining (streamed, resumable)."""
+    run_stage_command("prepare", config, {"paths": paths or None, "tokenizer": tokenizer, "dataset": dataset,
+                                          "shard_mb": shard_mb}, set_, out, quiet)
+
+
+@app.command()
+def pretrain(
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prepared data directory."),
+    arch: Optional[str] = typer.Option(None, help="llama, mistral, mixtral, qwen2 or gpt2."),
+    size: Optional[str] = typer.Option(None, help="tiny, 125m, 350m, 1b, 3b or 8b."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Pretrain a model from scratch on prepared shards (resumes from the last checkpoint)."""
+    model = {k: v for k, v in {"arch": arch, "size": size}.items() if v}
+    flags: dict[str, Any] = {"data": data, "seq_len": seq_len, "model": model or None,
+                             "train": {"max_steps": max_steps} if max_steps else None}
+    run_stage_command("pretrain", config, flags, set_, out, quiet, seed=seed or 0)
+
+
+@app.command()
+def sft(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: dir, hf:ID or Hub id."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Chat data: dataset dir, file or Hub id."),
+    method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
+    template: Optional[str] = typer.Option(None, help="chatml, llama3, mistral or tokenizer."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides epochs)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Fine-tune on chat data (full, LoRA or QLoRA); resumes from the last checkpoint."""
+    train = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    run_stage_command("sft", config, {"model": model, "data": data, "method": method, "template": template,
+                                      "train": train or None}, set_, out, quiet, seed=seed or 0)
+
+
+@app.command()
+def prefer(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (usually an sft output)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="prompt/chosen/rejected pairs."),
+    loss: Optional[str] = typer.Option(None, help="dpo, ipo, orpo or simpo."),
+    method: Optional[str] = typer.Option(None, help="full or lora."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Preference-tune (DPO and relatives) on prompt/chosen/rejected pairs."""
+    run_stage_command("prefer", config, {"model": model, "data": data, "loss": loss, "method": method,
+                                         "train": {"max_steps": max_steps} if max_steps else None},
+                      set_, out, quiet, seed=seed or 0)
+
+
+@app.command()
+def export(
+    model: Optional[str] = typer.Argument(None, help="Model or adapter directory, a stage output, or Hub id."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Comma-separated types, e.g. q4_k_m,q8_0,f16."),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", help="Calibration text for an importance matrix."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Convert to GGUF for llama.cpp, quantize, and verify against the original."""
+    run_stage_command("export", config, {"model": model, "quant": quant, "imatrix": imatrix}, set_, out, quiet)
+
+
+@app.command()
+def plan(
+    arch: str = typer.Option("llama", help="Architecture preset."),
+    size: str = typer.Option("8b", help="Size preset."),
+    model: Optional[str] = typer.Option(None, help="A HF config dir or Hub id instead of arch/size."),
+    tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. 20e9."),
+    data_gb: Optional[float] = typer.Option(None, help="Or: GB of raw text (converted at --bytes-per-token)."),
+    gpu: str = typer.Option("h100", help="GPU type."),
+    gpus: int = typer.Option(1, help="Number of GPUs."),
+    mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed."),
+    price: Optional[float] = typer.Option(None, help="$ per GPU-hour (default: a typical rental price)."),
+    seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
+    micro_batch: int = typer.Option(1, help="Sequences per GPU per micro-step."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Estimate parameters, FLOPs, data, memory, time and cost before spending money."""
+    from fabrika.models.plan import plan_command
+
+    plan_command(arch=arch, size=size, model=model, tokens=tokens, data_gb=data_gb, gpu=gpu, gpus=gpus, mfu=mfu,
+                 price=price, seq_len=seq_len, micro_batch=micro_batch, json_out=json_out)
+
+
+@app.command("accelerate-config")
+def accelerate_config(name: str = typer.Argument(..., help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3, ...")) -> None:
+    """Print the path of a shipped accelerate config, for `accelerate launch --config_file`."""
+    from fabrika.train.launch import config_path
+
+    print(config_path(name))
+
+
+def _register_phase_commands() -> None:
+    """Each phase adds its own commands; their modules import only typer at import time."""
+    from fabrika.infer.commands import register as register_infer
+
+    register_infer(app)
+
+
+def main() -> None:
+    _register_phase_commands()
+
+    try:
+        app()
+    except FabrikaError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        Console(stderr=True, soft_wrap=True).print("[yellow]interrupted[/]: run the same command again to continue where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

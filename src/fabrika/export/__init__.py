@@ -1,0 +1,1 @@
+"""Export: Hugging Face models to GGUF for llama.cpp, quantized and verified."""

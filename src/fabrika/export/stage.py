@@ -1,0 +1,209 @@
+"""The `export` stage: a model (pretrain/sft/prefer output, an adapter, an HF dir or Hub id) to GGUF
+files for llama.cpp, quantized by llama.cpp itself and verified against the original.
+
+    fabrika export runs/x/sft --quant q4_k_m,q8_0 --out runs/x/export
+    fabrika chat gguf:runs/x/export/model-q4_k_m.gguf
+
+F32/F16/BF16/Q8_0 are written directly; every other type (Q4_0, Q4_K_M, Q5_K_M, Q6_K, ...) is made by
+`llama_model_quantize` from the F16 (or F32) file. Every file is loaded back with llama.cpp and
+compared with the HF model; an unquantized file that disagrees fails the stage. An Ollama Modelfile
+is written beside the files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from fabrika.artifacts import Artifact, RunContext, atomic_write_json, atomic_write_text, read_manifest
+from fabrika.config import Config
+from fabrika.errors import FabrikaError
+from fabrika.export import gguf as writer
+from fabrika.export import verify as verifier
+
+
+class VerifyParams(Config):
+    enabled: bool = Field(True, description="Load each file in llama.cpp and compare with the HF model.")
+    calibration: str = Field("builtin", description="Calibration text file, or builtin (en/ru/zh excerpts).")
+    max_tokens: int = Field(512, ge=16, description="Calibration tokens compared.")
+
+
+class ExportConfig(Config):
+    model: str = Field(description="A stage name, model or adapter directory, hf:ID or Hub id.")
+    quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce.")
+    base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32.")
+    imatrix: str | None = Field(None, description="Calibration text for an importance matrix (see notes).")
+    name: str = Field("model", description="File name stem: <name>-<type>.gguf.")
+    verify: VerifyParams = Field(default_factory=VerifyParams, description="Verification settings.")
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return [q.strip().lower() for q in v.split(",")] if isinstance(v, str) else [q.lower() for q in v]
+
+
+CONFIG = ExportConfig
+
+
+def inputs(cfg: ExportConfig) -> list[str]:
+    return [cfg.model]
+
+
+def llama_cpp_types() -> dict[str, int]:
+    """Quantization types llama.cpp offers, from its own constants (e.g. q4_k_m → 15)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FabrikaError("export needs llama-cpp-python for quantization: pip install 'fabrika[llama]'") from None
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {n[len(prefix):].lower(): getattr(llama_cpp, n) for n in dir(llama_cpp) if n.startswith(prefix)}
+
+
+def quantize(src: Path, dst: Path, qtype: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp_types()[qtype]
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise FabrikaError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
+    tmp.replace(dst)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each type a file holds: shows llama.cpp's fallbacks (e.g. q4_K → q5_0
+    for rows that are not multiples of 256) and the mixed types a *_M scheme uses by design."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, Any]]:
+    """An HF model directory to convert (an adapter is merged first) and its lineage."""
+    ref = ctx.resolve_model(ctx.resolve(cfg.model))
+    ref = ref[3:] if ref.startswith("hf:") else ref
+    path = Path(ref)
+    lineage: dict[str, Any] = {"source": ref}
+    art = ctx.input_artifact(cfg.model)
+    if art is not None:
+        m = read_manifest(art.dir) or {}
+        lineage.update({"stage": art.stage, "kind": art.kind, "fingerprint": art.fingerprint,
+                        "inputs": m.get("inputs", {})})
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        except Exception as e:
+            raise FabrikaError(f"export.model: {ref!r} is neither a directory nor a downloadable Hub model ({e})") from None
+    if (path / "adapter_config.json").exists():
+        path = _merge_adapter(path, ctx.stage_dir / "merged")
+        lineage["merged_adapter"] = True
+    return path, lineage
+
+
+def _merge_adapter(adapter: Path, out: Path) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from peft import PeftConfig
+
+    from fabrika.train.sft import merge_adapter
+
+    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if not base or not (Path(base).exists() or base.count("/") == 1):
+        raise FabrikaError(f"export.model: the adapter {adapter} names base model {base!r}, which is not there")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    merge_adapter(base, adapter, out, tok, tok.eos_token)
+    return out
+
+
+OLLAMA_TEMPLATES = {
+    "<|im_start|>": ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+                     '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
+                     '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n', "<|im_end|>"),
+    "<|start_header_id|>": ('{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+                            '{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}'
+                            '<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>', "<|eot_id|>"),
+    "[INST]": ("[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}", "</s>"),
+}
+
+
+def modelfile(gguf_name: str, chat_template: str | None) -> str:
+    lines = [f"# Ollama: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    for marker, (template, stop) in OLLAMA_TEMPLATES.items():
+        if chat_template and marker in chat_template:
+            lines += [f'TEMPLATE """{template}"""', f'PARAMETER stop "{stop}"']
+            break
+    lines += ["PARAMETER temperature 0.7", "PARAMETER num_ctx 4096"]
+    return "\n".join(lines) + "\n"
+
+
+def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
+    return {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
+
+
+def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
+    if cfg.imatrix:
+        raise FabrikaError("export.imatrix: llama.cpp's quantizer takes an importance matrix only as a C++ map "
+                           "that its Python binding cannot build; quantize without it, or use llama.cpp's "
+                           "llama-imatrix and llama-quantize tools on the F16 file this stage writes")
+    known = llama_cpp_types()
+    unknown = [q for q in cfg.quant if q not in writer.DIRECT_TYPES and q not in known]
+    if unknown:
+        raise FabrikaError(f"export.quant: unknown type(s) {', '.join(unknown)}; llama.cpp offers "
+                           f"{', '.join(sorted(set(known) | set(writer.DIRECT_TYPES)))}")
+    if cfg.base_type not in ("f16", "bf16", "f32"):
+        raise FabrikaError(f"export.base_type: {cfg.base_type!r}; expected f16, bf16 or f32")
+
+    model_dir, lineage = _resolve_model(cfg, ctx)
+    out = ctx.stage_dir
+    files: dict[str, Path] = {}
+    conversions: dict[str, Any] = {}
+    needs_base = any(q not in writer.DIRECT_TYPES for q in cfg.quant)
+    for qtype in dict.fromkeys([q for q in cfg.quant if q in writer.DIRECT_TYPES] + ([cfg.base_type] if needs_base else [])):
+        path = out / f"{cfg.name}-{qtype}.gguf"
+        if not path.exists():  # a rerun after a kill keeps finished files (each written atomically)
+            conversions[qtype] = writer.convert(model_dir, path, qtype, lineage=lineage)
+        files[qtype] = path
+    for qtype in cfg.quant:
+        if qtype in files:
+            continue
+        path = out / f"{cfg.name}-{qtype}.gguf"
+        if not path.exists():
+            quantize(files[cfg.base_type], path, qtype)
+        files[qtype] = path
+    types = {q: tensor_types(p) for q, p in files.items()}
+
+    report: dict[str, Any] = {"model": str(model_dir), "conversion": conversions, "tensor_types": types}
+    if cfg.verify.enabled:
+        report["verification"] = verifier.verify(model_dir, files, cfg.verify.calibration, cfg.verify.max_tokens)
+        atomic_write_json(out / "verification.json", report)
+        problems = verifier.check_lossless(report["verification"])
+        if problems:
+            raise FabrikaError("GGUF verification failed (a conversion bug, not quantization noise):\n  "
+                               + "\n  ".join(problems))
+    else:
+        atomic_write_json(out / "verification.json", report)
+
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(model_dir).chat_template
+    main = files[cfg.quant[0]]
+    atomic_write_text(out / "Modelfile", modelfile(main.name, template))
+    metrics: dict[str, Any] = {}
+    for q, row in report.get("verification", {}).get("files", {}).items():
+        metrics[f"{q}_kl"] = row["kl"]
+        metrics[f"{q}_top1"] = row["top1"]
+        metrics[f"{q}_mb"] = round(row["bytes"] / 2**20, 2)
+    return ctx.finish(main, cfg, metrics=metrics, extra={"files": {q: p.name for q, p in files.items()}})

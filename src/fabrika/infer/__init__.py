@@ -1,0 +1,1 @@
+"""Talking to models: one Generator protocol over transformers, llama.cpp and OpenAI-compatible APIs."""

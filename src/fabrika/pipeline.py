@@ -1,0 +1,343 @@
+"""Run the stages of one pipeline YAML in order, reusing every stage whose inputs did not change.
+
+    fabrika run examples/tiny-cpu.yaml [--set a.b=c] [--only S] [--from S] [--force S] [--dry-run]
+    fabrika status runs/tiny-cpu
+
+A stage is reused when its directory holds a manifest with the same fingerprint (its config, its
+inputs' fingerprints, the fabrika version). A stage whose directory exists without a manifest was
+interrupted: it runs again in the same directory and resumes from its own checkpoint or journal. A
+stage whose config changed starts from an empty directory, and so do the stages downstream of it,
+because their inputs' fingerprints changed with it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import importlib
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import Field
+from rich.console import Console
+from rich.table import Table
+
+from fabrika import __version__
+from fabrika.artifacts import (MANIFEST, Artifact, RunContext, atomic_write_json, fingerprint, path_fingerprint,
+                               read_json, read_manifest)
+from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
+from fabrika.errors import FabrikaError
+
+# Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
+STAGES: dict[str, str] = {
+    "tokenizer": "fabrika.models.tokenizer",
+    "prepare": "fabrika.data.corpus",
+    "pretrain": "fabrika.train.pretrain",
+    "sft": "fabrika.train.sft",
+    "prefer": "fabrika.train.prefer",
+    "export": "fabrika.export.stage",
+}
+
+PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
+FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
+FAILED_FILE = ".failed"
+
+log = logging.getLogger("fabrika")
+
+
+class PipelineConfig(Config):
+    name: str = Field(description="Name of the pipeline; the default run directory is runs/<name>.")
+    run_dir: str | None = Field(None, description="Where every stage writes <run_dir>/<stage>/ (default runs/<name>).")
+    seed: int = Field(0, description="Seed handed to every stage.")
+    models: dict[str, str] = Field(default_factory=dict, description="Named model references (hf:, gguf:, openai:).")
+    stages: dict[str, dict[str, Any]] = Field(description="Stages in run order; `kind` defaults to the key.")
+
+
+def stage_module(kind: str) -> ModuleType:
+    if kind not in STAGES:
+        guess = difflib.get_close_matches(kind, STAGES, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise FabrikaError(f"unknown stage kind {kind!r}{hint} (known: {', '.join(STAGES)})")
+    return importlib.import_module(STAGES[kind])
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    module: ModuleType
+    cfg: Any
+    deps: list[str]
+    refs: list[str]
+    fingerprint: str = ""
+
+
+@dataclass
+class Pipeline:
+    cfg: PipelineConfig
+    source: str
+    run_dir: Path
+    stages: list[Stage]  # in run (topological) order
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        guess = difflib.get_close_matches(name, [s.name for s in self.stages], n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise FabrikaError(f"{self.source}: no stage named {name!r}{hint} (stages: "
+                           f"{', '.join(s.name for s in self.stages)})")
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def context(self, stage: Stage, quiet: bool = False) -> RunContext:
+        inputs = {d: Artifact.load(self.stage_dir(d)) for d in stage.deps}
+        return RunContext(stage=stage.name, kind=stage.kind, stage_dir=self.stage_dir(stage.name),
+                          seed=self.cfg.seed, inputs=inputs, models=self.cfg.models,
+                          fingerprint=stage.fingerprint, quiet=quiet)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Parse, validate and order a pipeline file; every stage config is checked before anything runs."""
+    source = str(path)
+    data = interpolate(apply_overrides(load_yaml(path), overrides))
+    cfg = validate(PipelineConfig, data, source)
+    if not cfg.stages:
+        raise FabrikaError(f"{source}: stages: the pipeline has no stages")
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.name}")
+
+    parsed: dict[str, Stage] = {}
+    for name, raw in cfg.stages.items():
+        if not isinstance(raw, dict):
+            raise FabrikaError(f"{source}: stages.{name}: expected a mapping of settings, got {type(raw).__name__}")
+        raw = dict(raw)
+        kind = raw.pop("kind", name)
+        try:
+            module = stage_module(kind)
+        except FabrikaError as e:
+            raise FabrikaError(f"{source}: stages.{name}.kind: {e}") from None
+        stage_cfg = validate(module.CONFIG, raw, source, prefix=f"stages.{name}")
+        refs = [r for r in module.inputs(stage_cfg) if r]
+        deps = [r for r in refs if r in cfg.stages]
+        if name in deps:
+            raise FabrikaError(f"{source}: stages.{name}: a stage cannot take its own output as input")
+        parsed[name] = Stage(name, kind, module, stage_cfg, deps, refs)
+
+    ordered = _topological(parsed, source)
+    for stage in ordered:
+        stage.fingerprint = fingerprint({
+            "kind": stage.kind,
+            "config": stage.cfg.model_dump(mode="json"),
+            "inputs": {r: parsed[r].fingerprint if r in parsed else _external_fingerprint(r) for r in stage.refs},
+            "seed": cfg.seed,
+            "fabrika": __version__,
+        })
+    return Pipeline(cfg=cfg, source=source, run_dir=run_dir, stages=ordered)
+
+
+def _external_fingerprint(ref: str) -> Any:
+    """A path (or glob) is identified by its files; a Hub id or model name by itself."""
+    if any(ch in ref for ch in "*?["):
+        return [path_fingerprint(m) for m in sorted(glob.glob(ref, recursive=True))]
+    return path_fingerprint(ref) if Path(ref).exists() else ref
+
+
+def _topological(stages: dict[str, Stage], source: str) -> list[Stage]:
+    """YAML order, except that a stage always comes after the stages it reads; cycles are errors."""
+    done: list[Stage] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join(chain[chain.index(name):] + [name])
+            raise FabrikaError(f"{source}: stages form a cycle: {cycle}")
+        state[name] = "visiting"
+        for dep in stages[name].deps:
+            visit(dep, chain + [name])
+        state[name] = "done"
+        done.append(stages[name])
+
+    for name in stages:
+        visit(name, [])
+    return done
+
+
+def stage_state(pipe: Pipeline, stage: Stage) -> str:
+    """done, stale (finished with another config), interrupted, failed, or pending."""
+    d = pipe.stage_dir(stage.name)
+    manifest = read_manifest(d)
+    if manifest is not None:
+        return "done" if manifest.get("fingerprint") == stage.fingerprint else "stale"
+    if (d / FAILED_FILE).exists():
+        return "failed"
+    if d.exists():
+        return "interrupted"
+    return "pending"
+
+
+def _select(pipe: Pipeline, only: list[str] | None, start: str | None, force: list[str] | None) -> tuple[set[str], set[str]]:
+    names = [s.name for s in pipe.stages]
+    for n in (only or []) + (force or []) + ([start] if start else []):
+        pipe.stage(n)  # validates the name
+    selected = set(only) if only else set(names)
+    forced = set(force or [])
+    if start:
+        after = names[names.index(start):]
+        selected &= set(after)
+        forced |= set(after)
+    return selected, forced
+
+
+def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | None = None,
+                 force: list[str] | None = None, dry_run: bool = False, quiet: bool = False,
+                 console: Console | None = None) -> dict[str, Artifact]:
+    console = console or Console(quiet=quiet)
+    selected, forced = _select(pipe, only, start, force)
+    if dry_run:
+        print_plan(pipe, selected, forced, console)
+        return {}
+
+    pipe.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(pipe.run_dir / PIPELINE_FILE, {
+        "name": pipe.cfg.name, "source": pipe.source, "seed": pipe.cfg.seed,
+        "stages": [{"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint, "deps": s.deps} for s in pipe.stages],
+    })
+    handler = _attach_run_log(pipe.run_dir)
+    results: dict[str, Artifact] = {}
+    t0 = time.time()
+    try:
+        for stage in pipe.stages:
+            d = pipe.stage_dir(stage.name)
+            state = stage_state(pipe, stage)
+            if stage.name not in selected:
+                if state == "done":
+                    results[stage.name] = Artifact.load(d)
+                continue
+            if state == "done" and stage.name not in forced:
+                console.print(f"[green]✓[/] {stage.name}: cached (fingerprint {stage.fingerprint})")
+                log.info("%s: cached", stage.name)
+                results[stage.name] = Artifact.load(d)
+                continue
+            missing = [dep for dep in stage.deps if stage_state(pipe, pipe.stage(dep)) != "done"]
+            if missing:
+                raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
+                                   f"(run without --only, or with --only {' '.join(missing)})")
+            results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
+                                            quiet=quiet, console=console)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    console.print(f"pipeline {pipe.cfg.name}: finished in {time.time() - t0:.1f}s")
+    return results
+
+
+def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console) -> Artifact:
+    d = pipe.stage_dir(stage.name)
+    fp_file = d / FINGERPRINT_FILE
+    previous = fp_file.read_text().strip() if fp_file.exists() else None
+    if restart or (previous is not None and previous != stage.fingerprint):
+        shutil.rmtree(d, ignore_errors=True)
+        resumed = False
+    else:
+        resumed = d.exists()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / FAILED_FILE).unlink(missing_ok=True)
+    fp_file.write_text(stage.fingerprint + "\n")
+    verb = "resuming" if resumed else "running"
+    console.rule(f"[bold]{stage.name}[/] ({stage.kind}) — {verb}")
+    log.info("%s: %s (%s)", stage.name, verb, stage.kind)
+    ctx = pipe.context(stage, quiet=quiet)
+    try:
+        artifact = stage.module.run(stage.cfg, ctx)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            (d / FAILED_FILE).write_text(f"{type(e).__name__}: {e}\n")
+            log.error("%s failed: %s\n%s", stage.name, e, traceback.format_exc())
+        raise
+    console.print(f"[green]✓[/] {stage.name}: done in {time.time() - ctx.started:.1f}s")
+    log.info("%s: done, metrics %s", stage.name, artifact.metrics)
+    return artifact
+
+
+def _attach_run_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Console) -> None:
+    """What a run would do, validated but without running: stage, state, inputs and estimates."""
+    table = Table(title=f"pipeline {pipe.cfg.name} (dry run) → {pipe.run_dir}")
+    for col in ("stage", "kind", "inputs", "action", "estimate"):
+        table.add_column(col)
+    for stage in pipe.stages:
+        state = stage_state(pipe, stage)
+        if stage.name not in selected:
+            action = "skipped (not selected)"
+        elif state == "done" and stage.name not in forced:
+            action = "cached"
+        elif state == "interrupted":
+            action = "resume"
+        else:
+            action = "run"
+        estimate = ""
+        if action in ("run", "resume") and hasattr(stage.module, "estimate"):
+            ctx = RunContext(stage=stage.name, kind=stage.kind, stage_dir=pipe.stage_dir(stage.name),
+                             seed=pipe.cfg.seed, models=pipe.cfg.models, quiet=True)
+            estimate = _format_estimate(stage.module.estimate(stage.cfg, ctx))
+        table.add_row(stage.name, stage.kind, ", ".join(stage.refs), action, estimate)
+    console.print(table)
+
+
+def _format_estimate(est: dict[str, Any]) -> str:
+    parts = []
+    for k, v in est.items():
+        if isinstance(v, float):
+            v = f"{v:.3g}"
+        elif isinstance(v, int) and v >= 10_000:
+            v = f"{v:,}"
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def status_table(run_dir: str | Path) -> Table:
+    """The state of every stage of a run directory, from what is on disk."""
+    run_dir = Path(run_dir)
+    spec_file = run_dir / PIPELINE_FILE
+    if not spec_file.exists():
+        raise FabrikaError(f"{run_dir}: not a run directory ({PIPELINE_FILE} missing); run `fabrika run` first")
+    spec = read_json(spec_file)
+    table = Table(title=f"run {spec['name']} ({run_dir})")
+    for col in ("stage", "kind", "state", "duration", "metrics"):
+        table.add_column(col)
+    for s in spec["stages"]:
+        d = run_dir / s["name"]
+        m = read_manifest(d)
+        if m is not None:
+            state = "done" if m.get("fingerprint") == s["fingerprint"] else "stale"
+            duration = f"{m.get('duration_s', 0):.1f}s"
+            metrics = _format_estimate({k: v for k, v in list(m.get("metrics", {}).items())[:4]
+                                        if isinstance(v, (int, float, str))})
+        elif (d / FAILED_FILE).exists():
+            state, duration, metrics = "failed", "", (d / FAILED_FILE).read_text().strip()[:80]
+        elif d.exists():
+            state, duration, metrics = "interrupted", "", ""
+        else:
+            state, duration, metrics = "pending", "", ""
+        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "stale": "yellow"}.get(state, "dim")
+        table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)
+    return table
+

@@ -1,0 +1,1 @@
+"""Training stages over transformers, TRL and peft: pretrain, and the shared setup."""

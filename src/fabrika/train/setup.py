@@ -1,0 +1,261 @@
+"""What every training stage shares: the optimisation settings, precision and device checks, the
+Trainer arguments, metrics logging (loss, tokens/s, MFU to metrics.jsonl) and exact resume.
+
+Pretraining, SFT and preference tuning differ in data, trainable parameters and loss mask; they build
+their Trainer from the same pieces here so that a fix to resume or logging reaches all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fabrika.artifacts import atomic_write_text, read_jsonl
+from fabrika.config import Config
+from fabrika.errors import FabrikaError
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+# Dense bf16 peak of common accelerators (vendor spec sheets), for MFU. Matched against the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "L4": 121.0}
+
+
+class TrainParams(Config):
+    max_steps: int | None = Field(None, description="Optimizer steps to run; overrides epochs when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated into one optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr × this ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on a GPU that supports it, else fp32. fp16 needs CUDA.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile the model (helps on GPUs, slow to start).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
+    logging_steps: int = Field(10, ge=1, description="Log loss, lr, tokens/s and MFU every N steps.")
+    eval_steps: int | None = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
+    eval_samples: int = Field(256, ge=1, description="Validation sequences used per evaluation (at most).")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N steps (a killed run resumes from the last).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints after a successful run.")
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=list, description="Trackers besides metrics.jsonl (wandb works offline with WANDB_MODE=offline).")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s per device for MFU; known GPUs are detected, CPUs need it set.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainParams":
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        return self
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_device(params: TrainParams) -> str:
+    """Fail before loading anything when an option needs hardware this machine lacks."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if params.precision == "fp16" and not cuda:
+        raise FabrikaError("train.precision: fp16 mixed precision needs a CUDA GPU; this machine has none "
+                           "(use bf16 or fp32)")
+    if params.attn_implementation == "flash_attention_2":
+        if not cuda:
+            raise FabrikaError("train.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine")
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise FabrikaError("train.attn_implementation: flash_attention_2 needs the flash-attn package "
+                               "(pip install flash-attn --no-build-isolation), or use sdpa") from None
+    if params.precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return params.precision
+
+
+def peak_flops(params: TrainParams) -> float | None:
+    if params.peak_tflops:
+        return params.peak_tflops * 1e12
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
+    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits."""
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    experts = getattr(config, "num_local_experts", None) or 1
+    active = getattr(config, "num_experts_per_tok", None) or 1
+    gated = 3 if getattr(config, "model_type", "") != "gpt2" else 2
+    attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
+    mlp = gated * hidden * inter * (active if experts > 1 else 1)
+    router = hidden * experts if experts > 1 else 0
+    n = layers * (attn + mlp + router) + hidden * config.vocab_size  # + lm_head
+    return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
+
+
+def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None, **extra: Any):
+    """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings."""
+    import torch
+    from transformers import TrainingArguments
+
+    schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[params.schedule]
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out_dir / CHECKPOINTS),
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        learning_rate=params.lr,
+        lr_scheduler_type=schedule,
+        lr_scheduler_kwargs={"min_lr_rate": params.min_lr_ratio} if params.schedule == "cosine" else {},
+        warmup_steps=params.warmup_steps,
+        weight_decay=params.weight_decay,
+        adam_beta2=params.adam_beta2,
+        max_grad_norm=params.max_grad_norm,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps or -1,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=params.gradient_checkpointing,
+        torch_compile=params.compile,
+        logging_steps=params.logging_steps,
+        eval_strategy="steps" if params.eval_steps else "no",
+        eval_steps=params.eval_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=params.save_total_limit,
+        report_to=list(params.report_to) or "none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=params.dataloader_workers,
+        disable_tqdm=False,
+        remove_unused_columns=False,
+    )
+    if not torch.cuda.is_available() and world_size() > 1:
+        kwargs["ddp_backend"] = "gloo"
+    if "tensorboard" in params.report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
+    kwargs.update(extra)
+    return (cls or TrainingArguments)(**kwargs)
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = []
+    for p in (out_dir / CHECKPOINTS).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / "trainer_state.json").exists():
+            ckpts.append((int(m.group(1)), p))
+    return max(ckpts)[1] if ckpts else None
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """The checkpoint to resume from, with metrics.jsonl cut back to it; None starts afresh."""
+    ckpt = last_checkpoint(out_dir)
+    if ckpt is None:
+        if is_main_process():
+            (out_dir / METRICS).unlink(missing_ok=True)
+        return None
+    step = int(ckpt.name.split("-")[1])
+    if is_main_process():
+        truncate_metrics(out_dir, step)
+        print(f"resuming from {ckpt} (step {step})", flush=True)
+    return ckpt
+
+
+def truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop rows logged after `step`: a resumed run logs those steps again."""
+    path = out_dir / METRICS
+    if path.exists():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float | None):
+    """Callbacks built on demand so that importing this module does not import transformers."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity."""
+
+        def __init__(self) -> None:
+            self.last_time: float | None = None
+            self.last_step = 0
+            self.last_tokens: float | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time, self.last_step = time.perf_counter(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            row: dict[str, Any] = {"step": state.global_step, "time": time.time()}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if "loss" in logs and self.last_time is not None:
+                now = time.perf_counter()
+                steps = state.global_step - self.last_step
+                if steps > 0:
+                    # TRL counts the tokens really trained (no padding); packed pretraining fills every slot
+                    if "num_tokens" in logs and self.last_tokens is not None:
+                        tokens = logs["num_tokens"] - self.last_tokens
+                    else:
+                        tokens = steps * tokens_per_step
+                    tps = tokens / (now - self.last_time)
+                    row["tokens_per_s"] = tps
+                    if peak:
+                        row["mfu"] = tps * fpt / (peak * world_size())
+                self.last_time, self.last_step = now, state.global_step
+                self.last_tokens = logs.get("num_tokens")
+            if "eval_loss" in logs:
+                row["eval_ppl"] = math.exp(min(logs["eval_loss"], 50))
+            with open(out_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    class FaultInjection(TrainerCallback):
+        """Test hook: FABRIKA_FAULT_KILL_AT_STEP=N makes the process SIGKILL itself after step N,
+        the way an OOM killer or a preempted node would."""
+
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [MetricsLogger()]
+    if os.environ.get("FABRIKA_FAULT_KILL_AT_STEP"):
+        callbacks.append(FaultInjection(int(os.environ["FABRIKA_FAULT_KILL_AT_STEP"])))
+    return callbacks

@@ -1,0 +1,316 @@
+"""Supervised fine-tuning on chat data: full weights, LoRA or QLoRA, through TRL's SFTTrainer.
+
+    fabrika sft --model hf:meta-llama/Meta-Llama-3-8B --data runs/x/collect --method qlora --out runs/x/sft
+    fabrika sft --config sft.yaml --out DIR --set train.epochs=1
+
+or as the `sft` stage of a pipeline. Data in ShareGPT, OpenAI messages, ChatML text or Alpaca form
+(several sources may be mixed with weights) is converted to one message schema, rendered with one
+chat template, and trained with the loss on assistant tokens only and packed sequences by default.
+The template and its end-of-turn token are saved with the model, so every later tool formats
+prompts as training did and stops where the model learned to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
+from fabrika.config import Config
+from fabrika.data.formats import FORMATS, convert_rows
+from fabrika.data.sources import iter_rows
+from fabrika.errors import FabrikaError
+from fabrika.models.templates import get_template
+from fabrika.train import setup
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+class DataSource(Config):
+    path: str = Field(description="A collect stage, a dataset directory, a data file or a Hub id.")
+    weight: float = Field(1.0, gt=0, description="Fraction of this source's rows used (above 1 repeats rows).")
+    split: str = Field("train", description="Split to read from a Hub or saved dataset.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "chatml", "text"] = Field(
+        "auto", description="Row format; auto detects it from the columns.")
+
+
+class LoraParams(Config):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target: str | list[str] = Field("all-linear", description="Module names to adapt, or all-linear.")
+
+
+def _sft_train_defaults() -> setup.TrainParams:
+    # A proven recipe for ~3k conversations: 3 epochs, lr 2e-4 with LoRA, effective batch 8.
+    return setup.TrainParams(epochs=3, lr=2e-4, batch_size=2, grad_accum=4, warmup_steps=10, weight_decay=0.0,
+                             schedule="cosine", min_lr_ratio=0.0, eval_steps=50, save_steps=100, adam_beta2=0.999)
+
+
+class SFTConfig(Config):
+    model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
+    data: str | list[DataSource] = Field(description="One source (a string) or a weighted list of sources.")
+    template: str = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
+    max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
+    packing: bool = Field(True, description="Pack several conversations per sequence (no padding).")
+    assistant_only_loss: bool = Field(True, description="Loss on the assistant's tokens only.")
+    overlong: Literal["truncate", "drop"] = Field("drop", description="What to do with conversations over max_length.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction for eval loss.")
+    neftune_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise (e.g. 5).")
+    merge: bool = Field(True, description="Also save the adapter merged into the base model.")
+    train: setup.TrainParams = Field(default_factory=_sft_train_defaults, description="Optimisation settings.")
+
+    @field_validator("data")
+    @classmethod
+    def _sources(cls, v):
+        return v if isinstance(v, list) else [DataSource(path=v)]
+
+
+CONFIG = SFTConfig
+
+
+def inputs(cfg: SFTConfig) -> list[str]:
+    return [cfg.model] + [s.path for s in cfg.data]
+
+
+def model_path(ref: str) -> str:
+    return ref[3:] if ref.startswith("hf:") else ref
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list[list[dict]], dict[str, Any]]:
+    """Every source converted and mixed by weight; bad rows counted with the first few shown."""
+    rng = random.Random(seed)
+    mixed, stats = [], {"sources": {}}
+    for src in cfg.data:
+        ref = ctx.resolve(src.path)
+        good, bad = convert_rows(iter_rows(ref, src.split), src.format)
+        if bad:
+            shown = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
+            print(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
+        if not good:
+            raise FabrikaError(f"sft.data: {ref} has no usable conversation ({len(bad)} rows malformed; first: "
+                               f"{bad[0][1] if bad else 'the dataset is empty'})")
+        whole, frac = int(src.weight), src.weight - int(src.weight)
+        picked = good * whole + rng.sample(good, round(len(good) * frac))
+        stats["sources"][src.path] = {"rows": len(good), "malformed": len(bad), "used": len(picked)}
+        mixed += picked
+    rng.shuffle(mixed)
+    return mixed, stats
+
+
+def apply_template(tokenizer, model, name: str, need_generation_marker: bool) -> tuple[str, int]:
+    """Install the chat template on the tokenizer, adding the tokens it needs (the embeddings are
+    resized by the caller). Returns the end-of-turn token and how many tokens were added."""
+    added = 0
+    if name == "tokenizer":
+        template = tokenizer.chat_template
+        if not template:
+            raise FabrikaError("sft.template: the model's tokenizer has no chat template; choose chatml, llama3 or mistral")
+        eot = tokenizer.eos_token
+    else:
+        spec = get_template(name)
+        missing = [t for t in spec.special_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            added = tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        template = spec.jinja
+        eot = spec.end_of_turn or tokenizer.eos_token
+    if need_generation_marker and "{% generation %}" not in template.replace("{%- generation %}", "{% generation %}"):
+        raise FabrikaError(f"sft.template: the {name} template has no {{% generation %}} marker, so assistant "
+                           "tokens cannot be found; use chatml/llama3/mistral or set assistant_only_loss: false")
+    tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return eot, added
+
+
+def split_by_length(convs: list[list[dict]], tokenizer, max_length: int, overlong: str):
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in convs]
+    too_long = sum(n > max_length for n in lengths)
+    if overlong == "drop":
+        convs = [c for c, n in zip(convs, lengths) if n <= max_length]
+        lengths = [n for n in lengths if n <= max_length]
+    if not convs:
+        raise FabrikaError(f"sft: every conversation is longer than max_length={max_length}; raise it")
+    return convs, {"overlong": too_long, "overlong_action": overlong, "tokens": sum(min(n, max_length) for n in lengths)}
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def _check_method(cfg: SFTConfig) -> None:
+    import torch
+
+    if cfg.method == "qlora":
+        if not torch.cuda.is_available():
+            raise FabrikaError("sft.method: qlora needs a CUDA GPU (bitsandbytes 4-bit training is not reliable on "
+                               "CPU); use method: lora on this machine")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise FabrikaError("sft.method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+
+
+def load_base(path: str, cfg: SFTConfig, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"attn_implementation": cfg.train.attn_implementation}
+    if precision == "bf16":
+        kwargs["dtype"] = torch.bfloat16
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["dtype"] = torch.bfloat16
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise FabrikaError(f"sft.model: cannot load {path!r}: {e}") from None
+
+
+def lora_config(cfg: SFTConfig, model, new_token_ids: list[int]):
+    """peft settings; unknown target modules are named together with the ones the model has."""
+    from peft import LoraConfig
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                     if type(mod).__name__ in ("Linear", "Linear4bit", "Conv1D") and "lm_head" not in name})
+    target = cfg.lora.target
+    if target != "all-linear":
+        targets = [target] if isinstance(target, str) else target
+        unknown = [t for t in targets if t not in linear]
+        if unknown:
+            raise FabrikaError(f"sft.lora.target: {', '.join(unknown)} not in this model; its linear modules: "
+                               f"{', '.join(linear)}")
+    extra: dict[str, Any] = {}
+    if new_token_ids:  # new template tokens need trainable embeddings, not only adapters
+        emb = model.get_input_embeddings()
+        names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is emb or m is model.get_output_embeddings()]
+        extra["modules_to_save"] = sorted(set(names))
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=target, task_type="CAUSAL_LM", **extra)
+
+
+def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
+    """generation_config stops at the end-of-turn token (and the plain eos) exactly as trained."""
+    from transformers import GenerationConfig
+
+    ids = []
+    for tok in (eot, tokenizer.eos_token):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is not None and i not in ids:
+            ids.append(i)
+    GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
+
+
+def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) -> None:
+    """Merge on a fresh full-precision copy of the base: merging into 4-bit weights would lose precision."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_generation_contract(out, tokenizer, eot)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
+    p = cfg.train
+    return {"method": cfg.method, "epochs": p.epochs, "seq": cfg.max_length,
+            "tokens_per_step": p.batch_size * p.grad_accum * setup.world_size() * cfg.max_length}
+
+
+def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
+    import datasets
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+    from trl import SFTConfig as TRLConfig, SFTTrainer
+
+    precision = setup.check_device(cfg.train)
+    _check_method(cfg)
+    base = model_path(ctx.resolve_model(ctx.resolve(cfg.model)))
+    if not (Path(base).exists() or base.count("/") == 1):
+        raise FabrikaError(f"sft.model: {base!r} is neither a model directory nor a Hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except OSError as e:
+        raise FabrikaError(f"sft.model: cannot load the tokenizer of {base!r}: {e}") from None
+    before = len(tokenizer)
+    eot, added = apply_template(tokenizer, None, cfg.template, cfg.assistant_only_loss)
+    convs, data_stats = load_conversations(cfg, ctx, ctx.seed)
+    convs, length_stats = split_by_length(convs, tokenizer, cfg.max_length, cfg.overlong)
+
+    model = load_base(base, cfg, precision)
+    new_ids = list(range(before, len(tokenizer))) if added else []
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.method in ("lora", "qlora"):
+        model = get_peft_model(model, lora_config(cfg, model, new_ids))
+
+    ds = datasets.Dataset.from_dict({"messages": convs})
+    eval_ds = None
+    if cfg.eval_fraction and len(ds) >= 20:
+        parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=ctx.seed)
+        ds, eval_ds = parts["train"], parts["test"]
+
+    out = ctx.stage_dir
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
+    args = setup.trainer_arguments(
+        cfg.train, out, precision, ctx.seed, cls=TRLConfig,
+        max_length=cfg.max_length, packing=cfg.packing, assistant_only_loss=cfg.assistant_only_loss,
+        eos_token=eot, pad_token=tokenizer.pad_token, neftune_noise_alpha=cfg.neftune_alpha,
+        dataset_num_proc=None, **({} if eval_ds is not None else {"eval_strategy": "no"}))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                         callbacks=setup.make_callbacks(out, tokens_per_step,
+                                                        setup.flops_per_token(model.config, cfg.max_length),
+                                                        setup.peak_flops(cfg.train)))
+    resume = setup.resume_point(out)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
+                               "conversations": len(ds), **length_stats, "world_size": setup.world_size()}
+    if eval_ds is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+    speeds = [r["tokens_per_s"] for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]
+    if speeds:
+        metrics["tokens_per_s"] = sum(speeds) / len(speeds)
+    if not setup.is_main_process():
+        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
+
+    atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
+    if cfg.method == "full":
+        final = out / MODEL_DIR
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(final)
+        save_generation_contract(final, tokenizer, eot)
+    else:
+        adapter = out / ADAPTER_DIR
+        trainer.model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        save_generation_contract(adapter, tokenizer, eot)
+        final = adapter
+        if cfg.merge:
+            final = out / MODEL_DIR
+            merge_adapter(base, adapter, final, tokenizer, eot)
+    if not cfg.train.keep_checkpoints:
+        shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
+    return ctx.finish(final, cfg, metrics=metrics, extra={"base": base, "template": cfg.template, "eot": eot})

@@ -1,0 +1,49 @@
+import json
+import os
+
+from fabrika.artifacts import (Artifact, RunContext, append_jsonl, atomic_write_json, fingerprint, read_jsonl,
+                               read_manifest)
+from fabrika.config import Config
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_jsonl_ignores_torn_last_line(tmp_path):
+    p = tmp_path / "j.jsonl"
+    append_jsonl(p, [{"i": 1}, {"i": 2}])
+    with open(p, "a") as f:
+        f.write('{"i": 3')  # a crash in the middle of a write
+    assert [r["i"] for r in read_jsonl(p)] == [1, 2]
+
+
+def test_fingerprint_is_order_independent():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+class C(Config):
+    x: int = 1
+
+
+def test_manifest_is_written_last_and_loads_back(tmp_path):
+    ctx = RunContext(stage="s", kind="k", stage_dir=tmp_path / "s", fingerprint="abc")
+    ctx.stage_dir.mkdir()
+    assert read_manifest(ctx.stage_dir) is None
+    (ctx.stage_dir / "out.txt").write_text("hello")
+    art = ctx.finish(ctx.stage_dir / "out.txt", C(), metrics={"m": 1.5})
+    m = read_manifest(ctx.stage_dir)
+    assert m["fingerprint"] == "abc" and m["config"] == {"x": 1} and m["metrics"] == {"m": 1.5}
+    assert m["outputs"][0]["path"] == "out.txt" and len(m["outputs"][0]["sha256"]) == 64
+    assert "torch" in m["versions"] and m["host"]["hostname"]
+    loaded = Artifact.load(ctx.stage_dir)
+    assert loaded.path == art.path and loaded.metrics == {"m": 1.5}
+
+
+def test_torn_manifest_counts_as_unfinished(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"stage": ')
+    assert read_manifest(tmp_path) is None

@@ -1,0 +1,123 @@
+"""The pipeline runner on real stages: order, caching, partial re-runs, status, dry run, bad files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from fabrika.errors import FabrikaError
+from fabrika.pipeline import load_pipeline, run_pipeline, stage_state, status_table
+
+
+def write_pipeline(tmp_path: Path, corpus: Path, **pretrain_train) -> Path:
+    spec = {
+        "name": "t",
+        "run_dir": str(tmp_path / "runs" / "${name}"),
+        "seed": 1,
+        "stages": {
+            # listed out of order on purpose: the runner orders by inputs
+            "pretrain": {"data": "prepare", "model": {"arch": "llama", "size": "tiny"}, "seq_len": 32,
+                         "train": {"max_steps": 4, "batch_size": 4, "logging_steps": 2, "eval_steps": 4,
+                                   "eval_samples": 4, "save_steps": 4, **pretrain_train}},
+            "tok": {"kind": "tokenizer", "paths": [str(corpus)], "vocab_size": 512},
+            "prepare": {"tokenizer": "tok", "paths": [str(corpus)], "shard_mb": 0.05, "val_fraction": 0.05},
+        },
+    }
+    p = tmp_path / "pipe.yaml"
+    p.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return p
+
+
+def test_run_cache_and_partial_rerun(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus)
+    pipe = load_pipeline(path)
+    assert [s.name for s in pipe.stages] == ["tok", "prepare", "pretrain"]
+    arts = run_pipeline(pipe, quiet=True)
+    assert set(arts) == {"tok", "prepare", "pretrain"}
+    mtimes = {s.name: (pipe.stage_dir(s.name) / "manifest.json").stat().st_mtime_ns for s in pipe.stages}
+
+    # unchanged: nothing re-runs, and it says so quickly
+    t0 = time.time()
+    r = run_cli("run", str(path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("cached") == 3 and time.time() - t0 < 30
+    assert all((pipe.stage_dir(n) / "manifest.json").stat().st_mtime_ns == m for n, m in mtimes.items())
+
+    # a change to the last stage re-runs only it
+    pipe2 = load_pipeline(path, ["stages.pretrain.train.lr=1e-3"])
+    assert [stage_state(pipe2, s) for s in pipe2.stages] == ["done", "done", "stale"]
+    run_pipeline(pipe2, quiet=True)
+    for n in ("tok", "prepare"):
+        assert (pipe.stage_dir(n) / "manifest.json").stat().st_mtime_ns == mtimes[n]
+
+    # a change upstream re-runs it and everything downstream
+    pipe3 = load_pipeline(path, ["stages.prepare.val_fraction=0.1"])
+    assert [stage_state(pipe3, s) for s in pipe3.stages] == ["done", "stale", "stale"]
+
+    # --force and --only
+    run_pipeline(pipe, only=["tok"], force=["tok"], quiet=True)
+    assert (pipe.stage_dir("tok") / "manifest.json").stat().st_mtime_ns != mtimes["tok"]
+
+    r = run_cli("status", str(pipe.run_dir))
+    assert r.returncode == 0 and "tok" in r.stdout and "done" in r.stdout
+
+
+def test_interrupted_stage_is_reported_and_resumed(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus, max_steps=8, save_steps=4)
+    r = run_cli("run", str(path), env={"FABRIKA_FAULT_KILL_AT_STEP": "6"})
+    assert r.returncode == -9
+    r = run_cli("status", str(tmp_path / "runs" / "t"))
+    assert "interrupted" in r.stdout
+    r = run_cli("run", str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout
+    pipe = load_pipeline(path)
+    assert all(stage_state(pipe, s) == "done" for s in pipe.stages)
+
+
+def test_failed_stage_shows_in_status_and_earlier_artifacts_stay(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus)
+    r = run_cli("run", str(path), "--set", "stages.pretrain.seq_len=100000")
+    assert r.returncode == 2 and "exceeds" in r.stderr
+    table = status_table(tmp_path / "runs" / "t")
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(table)
+    text = console.export_text()
+    assert "failed" in text and text.count("done") == 2
+
+
+def test_dry_run_validates_and_writes_nothing(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus)
+    r = run_cli("run", str(path), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "dry run" in r.stdout and "tokens_per_step" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_pipelines(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus)
+    spec = yaml.safe_load(path.read_text())
+
+    def check(mutate, message):
+        s = yaml.safe_load(yaml.safe_dump(spec))
+        mutate(s)
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump(s))
+        with pytest.raises(FabrikaError) as e:
+            load_pipeline(p)
+        assert message in str(e.value), str(e.value)
+        assert str(p) in str(e.value) or "stage" in str(e.value)
+
+    check(lambda s: s["stages"]["prepare"].update(shard_mbb=1), "did you mean 'shard_mb'")
+    check(lambda s: s["stages"]["tok"].update(kind="tokenizr"), "did you mean 'tokenizer'")
+    check(lambda s: s["stages"]["pretrain"]["train"].update(lr="fast"), "stages.pretrain.train.lr")
+    check(lambda s: s.update(stages={}), "no stages")
+    check(lambda s: s["stages"].update(tok={"kind": "prepare", "tokenizer": "prepare", "paths": ["x"]}), "cycle")
+    r = run_cli("run", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr

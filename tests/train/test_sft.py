@@ -1,0 +1,142 @@
+"""SFT and preference tuning on tiny models with real optimizer steps, and the template contract:
+what the model learned comes back through `fabrika chat`, and generation stops by itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli, write_jsonl
+
+from fabrika.artifacts import RunContext, read_manifest
+from fabrika.config import load
+from fabrika.errors import FabrikaError
+from fabrika.train import prefer, sft
+
+FACTS = [("What is the capital of Zubrovia?", "Brelsk is the capital."),
+         ("Кто написал Онегина?", "Пушкин написал."),
+         ("谁写了论语？", "孔子的弟子。")]
+
+
+def facts_data(tmp_path: Path, fmt: str = "messages") -> Path:
+    rows = []
+    for q, a in FACTS:
+        if fmt == "sharegpt":
+            rows.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        else:
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return write_jsonl(tmp_path / f"facts-{fmt}.jsonl", rows * 4)
+
+
+def run_sft(tmp_path: Path, base: Path, data, name="sft", **overrides):
+    cfg = {"model": str(base), "data": data, "max_length": 128, "eval_fraction": 0,
+           "train": {"max_steps": 60, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0,
+                     "logging_steps": 10, "save_steps": 1000, "eval_steps": None}}
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load(sft.CONFIG, path), path
+
+
+def test_full_sft_memorises_and_stops_through_chat(tmp_path, plain_base):
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="full", train={"max_steps": 80})
+    art = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True))
+    model_dir = art.path
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert "<|im_end|>" in json.dumps(tok_cfg) or "<|im_end|>" in (model_dir / "tokenizer.json").read_text()
+    assert (model_dir / "chat_template.jinja").exists() or "chat_template" in tok_cfg
+    assert isinstance(gen["eos_token_id"], list) and len(gen["eos_token_id"]) == 2
+    for q, a in FACTS[:2]:
+        r = run_cli("chat", f"hf:{model_dir}", "--query", q, "--max-tokens", "40")
+        assert r.returncode == 0, r.stderr[-2000:]
+        answer = r.stdout.strip()
+        assert answer == a, (q, answer)  # exactly the answer: it stopped at <|im_end|> by itself
+
+
+def test_lora_sharegpt_with_adapter_and_merge(tmp_path, plain_base):
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path, "sharegpt")), method="lora",
+                     lora={"r": 8, "alpha": 16}, train={"max_steps": 20, "lr": 5e-3})
+    art = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True))
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "model" / "model.safetensors").exists()
+    assert art.path == out / "model"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(art.path)  # merged model loads with plain transformers
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["overlong"] == 0 and list(stats["sources"].values())[0]["rows"] == 12
+
+
+def test_assistant_only_loss_masks_the_prompt(plain_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain_base)
+    sft.apply_template(tok, None, "chatml", need_generation_marker=True)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    enc = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "hello<|im_end|>"
+
+
+def test_mixing_weights_and_overlong_drop(tmp_path, plain_base):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "word " * 200},
+                                                               {"role": "assistant", "content": "ok"}]}] * 3)
+    cfg, _ = run_sft(tmp_path, plain_base, [{"path": str(facts_data(tmp_path)), "weight": 0.5},
+                                            {"path": str(long), "weight": 2.0}])
+    convs, stats = sft.load_conversations(cfg, RunContext(stage="s", kind="sft", stage_dir=tmp_path), 0)
+    assert [s["used"] for s in stats["sources"].values()] == [6, 6]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain_base)
+    sft.apply_template(tok, None, "chatml", True)
+    kept, ls = sft.split_by_length(convs, tok, 128, "drop")
+    assert len(kept) == 6 and ls["overlong"] == 6
+
+
+def test_bad_inputs(tmp_path, plain_base):
+    ctx = RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "o", quiet=True)
+    no_answer = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
+    cfg, _ = run_sft(tmp_path, plain_base, str(no_answer))
+    with pytest.raises(FabrikaError, match="no usable conversation.*no assistant answer"):
+        sft.run(cfg, ctx)
+    cfg, path = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), lora={"target": ["q_proj", "qkv"]})
+    with pytest.raises(FabrikaError, match="qkv not in this model.*q_proj"):
+        sft.run(cfg, ctx)
+    r = run_cli("sft", "--config", str(path), "--out", str(tmp_path / "q"), "--set", "method=qlora",
+                "--set", "lora.target=all-linear")
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "method: lora" in r.stderr
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), template="tokenizer")
+    with pytest.raises(FabrikaError, match="no chat template"):
+        sft.run(cfg, ctx)
+    r = run_cli("sft", "--model", str(tmp_path / "missing"), "--data", str(facts_data(tmp_path)),
+                "--out", str(tmp_path / "m"))
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_prefer_from_sft(tmp_path, plain_base, loss):
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="full", train={"max_steps": 10})
+    base = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "sft", quiet=True)).path
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."} for i in range(24)])
+    pcfg = prefer.CONFIG(model=str(base), data=str(pairs), loss=loss, max_length=64,
+                         train={"max_steps": 6, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "eval_steps": 3,
+                                "save_steps": 100})
+    art = prefer.run(pcfg, RunContext(stage="prefer", kind="prefer", stage_dir=tmp_path / "p", quiet=True))
+    m = read_manifest(tmp_path / "p")["metrics"]
+    assert m["steps"] == 6 and "rewards/margins" in m and "eval_loss" in m
+    assert (art.path / "model.safetensors").exists() and art.path.name == "model"
+
+
+def test_prefer_rejects_data_without_pair_columns(tmp_path, plain_base):
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "answer": "a"}])
+    with pytest.raises(FabrikaError, match="lacks column.*chosen, rejected"):
+        prefer.load_pairs(str(bad), "train")
