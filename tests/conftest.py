@@ -4,26 +4,15 @@ each built once per test session through the real stages."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "data" / "corpus"
+from helpers import CORPUS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-
-
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run `fabrika ARGS` in a fresh process, as a user would."""
-    cmd = (launcher or [sys.executable, "-m", "fabrika.cli"]) + list(args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +68,3 @@ def plain_base(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path

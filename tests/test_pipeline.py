@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from fabrika.errors import FabrikaError
 from fabrika.pipeline import load_pipeline, run_pipeline, stage_state, status_table
 

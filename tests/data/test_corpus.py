@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 from transformers import AutoTokenizer
 
 from fabrika.artifacts import RunContext

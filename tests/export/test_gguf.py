@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, run_cli
+from helpers import CORPUS, run_cli
 
 from fabrika.artifacts import RunContext
 from fabrika.errors import FabrikaError
@@ -120,7 +120,7 @@ def test_export_stage_quantizes_and_verifies(tmp_path, bpe_tok):
 
 def test_trained_chat_model_stops_in_llama_cpp(tmp_path, plain_base):
     """The template contract end to end: SFT, export, and llama.cpp's own chat formatting."""
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     from fabrika.train import sft
 

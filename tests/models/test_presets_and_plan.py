@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from fabrika.errors import FabrikaError
 from fabrika.models.plan import make_plan, render_plan

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from fabrika.artifacts import read_jsonl, read_manifest
 
 

@@ -1,0 +1,275 @@
+"""One way to ask any model for answers: `generate(conversations, params) -> completions`.
+
+A model reference string picks the backend, so collection and evaluation never care where a model runs:
+  hf:PATH_OR_HUB_ID      transformers (batched, left padding, the tokenizer's chat template; a LoRA
+                         adapter directory loads on its base model)
+  gguf:FILE              llama.cpp through llama-cpp-python (chat template from the GGUF metadata)
+  openai:MODEL[@URL]     any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, TGI, Ollama,
+                         `fabrika serve`), through fabrika's client with retries, limits and a cache
+A bare directory means hf:, a bare *.gguf path means gguf:.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from pydantic import Field
+
+from fabrika.config import Config
+from fabrika.errors import FabrikaError
+
+Messages = list[dict[str, str]]
+
+
+class GenerationParams(Config):
+    temperature: float = Field(0.0, ge=0, le=2, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer in tokens.")
+    seed: int | None = Field(None, description="Sampling seed (reproducible answers).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
+    n: int = Field(1, ge=1, le=16, description="Answers per conversation.")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    cached: bool = False
+
+
+class ContextTooLong(FabrikaError):
+    """The prompt plus the answer would not fit the model's context."""
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
+        """n completions for every conversation, in order."""
+
+    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+        """Pieces of one answer as they are produced."""
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class HFGenerator:
+    """transformers generation, batched with left padding; stops at the template's end of turn."""
+
+    def __init__(self, path: str, device: str | None = None, dtype: str = "auto", max_batch: int = 16) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = Path(path).name or path
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        adapter = Path(path) / "adapter_config.json"
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+            if adapter.exists():
+                from peft import PeftModel
+
+                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+                if not base or not (Path(base).exists() or base.count("/") == 1):
+                    raise FabrikaError(f"{path}: the adapter's base model {base!r} is not there")
+                model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+                if len(self.tok) != model.get_input_embeddings().num_embeddings:
+                    model.resize_token_embeddings(len(self.tok))
+                model = PeftModel.from_pretrained(model, path)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise FabrikaError(f"hf:{path}: cannot load the model ({e})") from None
+        self.model = model.to(self.device).eval()
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if not self.tok.chat_template:
+            raise FabrikaError(f"hf:{path}: the tokenizer has no chat template; fine-tune with `fabrika sft` "
+                               "(which writes one) or add one to tokenizer_config.json")
+        gen = self.model.generation_config.eos_token_id
+        ids = gen if isinstance(gen, list) else [gen]
+        self.eos_ids = [i for i in dict.fromkeys(ids + [self.tok.eos_token_id]) if i is not None]
+        cfg = self.model.config
+        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.max_batch = max_batch
+        self.lock = threading.Lock()  # one generate at a time on one model
+
+    def prompt_ids(self, conversation: Messages) -> list[int]:
+        return self.tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    def check_length(self, conversation: Messages, params: GenerationParams) -> int:
+        n = len(self.prompt_ids(conversation))
+        if n + params.max_new_tokens > self.context:
+            raise ContextTooLong(f"the prompt has {n} tokens and max_tokens is {params.max_new_tokens}: more than the "
+                                 f"model's context of {self.context} tokens")
+        return n
+
+    def _kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
+                                  pad_token_id=self.tok.pad_token_id, num_return_sequences=params.n)
+        if params.temperature > 0:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kw.update(stop_strings=params.stop, tokenizer=self.tok)
+        return kw
+
+    def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
+        import torch
+
+        out: list[list[Completion]] = []
+        for start in range(0, len(conversations), self.max_batch):
+            batch = conversations[start:start + self.max_batch]
+            lengths = [self.check_length(c, params) for c in batch]
+            texts = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with self.lock, torch.no_grad():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                gen = self.model.generate(**enc, **self._kwargs(params))
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for i, n in enumerate(lengths):
+                choices = []
+                for j in range(params.n):
+                    ids = new[i * params.n + j].tolist()
+                    ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+                    used = ids[:ended] if ended is not None else [t for t in ids if t != self.tok.pad_token_id]
+                    text, stopped = _cut_at_stop(self.tok.decode(used, skip_special_tokens=True), params.stop)
+                    choices.append(Completion(text, "stop" if ended is not None or stopped else "length", n,
+                                              len(used) + (1 if ended is not None else 0)))
+                out.append(choices)
+        return out
+
+    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        self.check_length(conversation, params)
+        text = self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        kw = self._kwargs(params.model_copy(update={"n": 1}))
+
+        def work() -> None:
+            with self.lock, torch.no_grad():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                self.model.generate(**enc, **kw, streamer=streamer)
+
+        threading.Thread(target=work, daemon=True).start()
+        sent = ""
+        for piece in streamer:
+            cut, stopped = _cut_at_stop(sent + piece, params.stop)
+            if stopped:
+                if len(cut) > len(sent):
+                    yield cut[len(sent):]
+                return
+            sent += piece
+            yield piece
+
+
+class GGUFGenerator:
+    """llama.cpp; the chat template comes from the GGUF file itself."""
+
+    def __init__(self, path: str, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+        from fabrika.export.verify import load_llama
+
+        if not Path(path).is_file():
+            raise FabrikaError(f"gguf:{path}: no such file")
+        self.name = Path(path).stem
+        self.llm = load_llama(path, n_ctx=n_ctx, logits_all=False)
+        self.context = n_ctx
+        self.lock = threading.Lock()
+
+    def check_length(self, conversation: Messages, params: GenerationParams) -> int:
+        text = "".join(m["content"] for m in conversation)
+        n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) + 8 * len(conversation)
+        if n + params.max_new_tokens > self.context:
+            raise ContextTooLong(f"the prompt has about {n} tokens and max_tokens is {params.max_new_tokens}: more "
+                                 f"than the context of {self.context} tokens")
+        return n
+
+    def _one(self, conversation: Messages, params: GenerationParams, stream: bool = False):
+        kw: dict[str, Any] = dict(messages=conversation, max_tokens=params.max_new_tokens, top_p=params.top_p,
+                                  temperature=params.temperature, stop=params.stop or None, stream=stream)
+        if params.seed is not None:
+            kw["seed"] = params.seed
+        return self.llm.create_chat_completion(**kw)
+
+    def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
+        out = []
+        for conv in conversations:
+            self.check_length(conv, params)
+            choices = []
+            for _ in range(params.n):
+                with self.lock:
+                    r = self._one(conv, params)
+                c = r["choices"][0]
+                choices.append(Completion(c["message"]["content"] or "", c.get("finish_reason") or "stop",
+                                          r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]))
+            out.append(choices)
+        return out
+
+    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+        self.check_length(conversation, params)
+        with self.lock:
+            for chunk in self._one(conversation, params, stream=True):
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+
+
+class OpenAIGenerator:
+    """A remote OpenAI-compatible endpoint through fabrika's client (retries, limits, cache, cost)."""
+
+    def __init__(self, model: str, base_url: str | None = None, **client_options: Any) -> None:
+        from fabrika.infer.client import ClientConfig
+
+        self.name = model
+        self.model = model
+        options = {"base_url": base_url} if base_url else {}
+        self.config = ClientConfig(**options, **client_options)
+
+    def generate(self, conversations: list[Messages], params: GenerationParams,
+                 quiet: bool = True) -> list[list[Completion]]:
+        from fabrika.infer.client import run_requests
+
+        return run_requests(self.config, self.model, conversations, params, quiet=quiet)
+
+    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+        from fabrika.infer.client import stream_chat
+
+        yield from stream_chat(self.config, self.model, conversation, params)
+
+
+BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path."""
+    kind, sep, target = ref.partition(":")
+    if sep and kind in BACKENDS:
+        return kind, target
+    if ref.endswith(".gguf"):
+        return "gguf", ref
+    if Path(ref).is_dir() or ref.count("/") == 1:
+        return "hf", ref
+    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
+
+
+def load_generator(ref: str, **options: Any) -> Generator:
+    kind, target = parse_ref(ref)
+    if kind == "openai":
+        model, _, url = target.partition("@")
+        return OpenAIGenerator(model, url or None, **options)
+    return BACKENDS[kind](target, **options)

@@ -1,0 +1,324 @@
+"""A client for jobs of thousands of chat requests to any OpenAI-compatible endpoint.
+
+Built on the official `openai` async client (its own retries off): bounded concurrency, optional
+requests- and tokens-per-minute limits, retries of 429/5xx/timeouts/dropped connections with
+exponential backoff and jitter that honours Retry-After, an immediate stop on errors that cannot
+succeed (401/403/404 stop the whole job), token and cost accounting, and an on-disk response cache
+so that a re-run never pays twice. The API key is read from the environment variable the config
+names and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from pydantic import Field
+
+from fabrika.config import Config
+from fabrika.errors import FabrikaError
+from fabrika.infer.backends import Completion, GenerationParams, Messages
+
+# $ per 1M tokens (input, output): OpenAI list prices as of 2026-11; override with `prices` in config.
+DEFAULT_PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "gpt-4.1": (2.0, 8.0),
+                  "gpt-4.1-mini": (0.4, 1.6), "gpt-4-turbo": (10.0, 30.0), "gpt-3.5-turbo": (0.5, 1.5)}
+FATAL = {401: "the API key was rejected", 403: "access to this model is forbidden", 404: "no such model or endpoint"}
+
+
+class ClientConfig(Config):
+    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
+    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    requests_per_minute: float | None = Field(None, gt=0, description="Request rate limit.")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Token rate limit (prompt + max answer).")
+    max_retries: int = Field(8, ge=0, description="Retries of one request before it fails.")
+    timeout_s: float = Field(600.0, gt=0, description="Timeout of one request.")
+    backoff_base_s: float = Field(1.0, gt=0, description="First retry delay; doubles each time.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay.")
+    cache_dir: str | None = Field(None, description="Response cache directory (off when unset).")
+    prices: dict[str, tuple[float, float]] = Field(default_factory=dict, description="$ per 1M tokens in/out.")
+    budget_usd: float | None = Field(None, gt=0, description="Stop starting requests once this is spent.")
+
+
+class RequestFailed(FabrikaError):
+    """One request failed for good (bad request, or retries exhausted)."""
+
+
+class JobStopped(FabrikaError):
+    """The whole job must stop: authentication, permission or a missing model."""
+
+
+def _key(config: ClientConfig) -> str:
+    key = os.environ.get(config.api_key_env)
+    if key:
+        return key
+    if "api.openai.com" in config.base_url:
+        raise JobStopped(f"no API key: set the environment variable {config.api_key_env}")
+    return "none"  # local servers usually need no key
+
+
+class ResponseCache:
+    """sqlite keyed by (model, messages, parameters); WAL mode, one commit per response."""
+
+    def __init__(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(Path(directory) / "responses.sqlite"), check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(model: str, messages: Messages, params: GenerationParams) -> str:
+        blob = json.dumps([model, messages, params.model_dump(mode="json")], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> list[dict] | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, value: list[dict]) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(value)))
+            self.db.commit()
+
+
+class RateLimiter:
+    """Requests- and tokens-per-minute as token buckets refilled continuously."""
+
+    def __init__(self, rpm: float | None, tpm: float | None) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self.req, self.tok = rpm or 0.0, tpm or 0.0
+        self.t = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, tokens: int) -> None:
+        if not self.rpm and not self.tpm:
+            return
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                dt, self.t = now - self.t, now
+                if self.rpm:
+                    self.req = min(self.rpm, self.req + dt * self.rpm / 60)
+                if self.tpm:
+                    self.tok = min(self.tpm, self.tok + dt * self.tpm / 60)
+                if (not self.rpm or self.req >= 1) and (not self.tpm or self.tok >= min(tokens, self.tpm)):
+                    self.req -= 1 if self.rpm else 0
+                    self.tok -= tokens if self.tpm else 0
+                    return
+                wait = max((1 - self.req) * 60 / self.rpm if self.rpm else 0,
+                           (min(tokens, self.tpm) - self.tok) * 60 / self.tpm if self.tpm else 0)
+                await asyncio.sleep(max(wait, 0.01))
+
+
+@dataclass
+class JobStats:
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    retrying: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    sent: int = 0  # HTTP requests actually sent, retries included
+    started: float = field(default_factory=time.monotonic)
+
+
+def price(config: ClientConfig, model: str, prompt: int, completion: int) -> float:
+    p_in, p_out = config.prices.get(model) or DEFAULT_PRICES.get(model, (0.0, 0.0))
+    return (prompt * p_in + completion * p_out) / 1e6
+
+
+def _retry_after(err: Exception) -> float | None:
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class Client:
+    """Runs chat requests concurrently; `run` yields (index, completions) as each one finishes."""
+
+    def __init__(self, config: ClientConfig, log: Callable[[str], None] | None = None) -> None:
+        import openai
+
+        self.config = config
+        self.openai = openai
+        self.api = openai.AsyncOpenAI(base_url=config.base_url, api_key=_key(config), max_retries=0,
+                                      timeout=config.timeout_s)
+        self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.stats = JobStats()
+        self.log = log or (lambda msg: None)
+
+    async def _call(self, model: str, messages: Messages, params: GenerationParams) -> list[Completion]:
+        cfg, o = self.config, self.openai
+        kwargs: dict[str, Any] = dict(model=model, messages=messages, temperature=params.temperature,
+                                      top_p=params.top_p, max_tokens=params.max_new_tokens, n=params.n)
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        if params.stop:
+            kwargs["stop"] = params.stop
+        estimate = sum(len(m["content"]) for m in messages) // 3 + params.max_new_tokens * params.n
+        for attempt in range(cfg.max_retries + 1):
+            await self.limiter.acquire(estimate)
+            self.stats.sent += 1
+            try:
+                r = await self.api.chat.completions.create(**kwargs)
+            except o.APIStatusError as e:
+                code = e.status_code
+                if code in FATAL:
+                    raise JobStopped(f"{cfg.base_url}: {FATAL[code]} (HTTP {code}, model {model!r}); stopping") from None
+                if code in (400, 413, 422):
+                    raise RequestFailed(f"HTTP {code}: {_message(e)}") from None
+                if code != 429 and code < 500:
+                    raise RequestFailed(f"HTTP {code}: {_message(e)}") from None
+                wait = _retry_after(e)
+                reason = f"HTTP {code}"
+            except (o.APITimeoutError, o.APIConnectionError) as e:
+                wait, reason = None, type(e).__name__
+            else:
+                usage = r.usage
+                prompt = usage.prompt_tokens if usage else 0
+                completion = usage.completion_tokens if usage else 0
+                cost = price(cfg, model, prompt, completion)
+                return [Completion(c.message.content or "", c.finish_reason or "stop", prompt,
+                                   completion if len(r.choices) == 1 else 0, cost if i == 0 else 0.0)
+                        for i, c in enumerate(r.choices)]
+            if attempt == cfg.max_retries:
+                raise RequestFailed(f"gave up after {attempt + 1} attempts ({reason})")
+            delay = wait if wait is not None else min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt)
+            delay *= 1 + random.random() * 0.25  # jitter: retries of many requests do not arrive together
+            self.stats.retrying += 1
+            self.log(f"retry {attempt + 1} in {delay:.1f}s after {reason}")
+            await asyncio.sleep(delay)
+            self.stats.retrying -= 1
+        raise AssertionError("unreachable")
+
+    async def one(self, model: str, messages: Messages, params: GenerationParams) -> list[Completion]:
+        key = ResponseCache.key(model, messages, params) if self.cache else None
+        if key and (hit := self.cache.get(key)) is not None:
+            self.stats.cached += 1
+            return [Completion(**{**c, "cost": 0.0, "cached": True}) for c in hit]
+        result = await self._call(model, messages, params)
+        if key:
+            self.cache.put(key, [c.__dict__ for c in result])
+        return result
+
+    async def run(self, model: str, conversations: list[Messages], params: GenerationParams,
+                  ) -> AsyncIterator[tuple[int, list[Completion] | Exception]]:
+        """(index, completions or the RequestFailed) in completion order; JobStopped propagates."""
+        self.stats.total += len(conversations)
+        sem = asyncio.Semaphore(self.config.concurrency)
+
+        async def task(i: int, conv: Messages):
+            async with sem:
+                if self.config.budget_usd is not None and self.stats.cost >= self.config.budget_usd:
+                    return i, JobStopped(f"budget of ${self.config.budget_usd:g} spent")
+                try:
+                    return i, await self.one(model, conv, params)
+                except RequestFailed as e:
+                    return i, e
+
+        pending = [asyncio.ensure_future(task(i, c)) for i, c in enumerate(conversations)]
+        try:
+            for fut in asyncio.as_completed(pending):
+                i, result = await fut
+                if isinstance(result, JobStopped):
+                    raise result
+                if isinstance(result, Exception):
+                    self.stats.failed += 1
+                else:
+                    self.stats.done += 1
+                    for c in result:
+                        self.stats.prompt_tokens += c.prompt_tokens
+                        self.stats.completion_tokens += c.completion_tokens
+                        self.stats.cost += c.cost
+                yield i, result
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+
+def _message(err: Exception) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("error", {}).get("message") or body)[:300]
+    return str(err)[:300]
+
+
+def progress_bar(stats: JobStats, quiet: bool):
+    """A rich progress bar showing done, failed, retrying, tokens/s, cost and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    class Live(TextColumn):
+        def render(self, task):
+            elapsed = max(time.monotonic() - stats.started, 1e-6)
+            tps = (stats.prompt_tokens + stats.completion_tokens) / elapsed
+            return (f"failed {stats.failed} · retrying {stats.retrying} · cached {stats.cached} · "
+                    f"{tps:,.0f} tok/s · ${stats.cost:.4f}")
+
+    return Progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), Live(""), TimeRemainingColumn(),
+                    disable=quiet)
+
+
+def run_requests(config: ClientConfig, model: str, conversations: list[Messages], params: GenerationParams,
+                 quiet: bool = False, on_result: Callable[[int, list[Completion] | Exception], None] | None = None,
+                 ) -> list[list[Completion]]:
+    """Synchronous wrapper: every conversation answered (or RequestFailed raised for the first failure
+    when no `on_result` callback takes failures)."""
+    results: list[Any] = [None] * len(conversations)
+
+    async def main():
+        client = Client(config)
+        try:
+            with progress_bar(client.stats, quiet) as bar:
+                task = bar.add_task("requests", total=len(conversations))
+                async for i, res in client.run(model, conversations, params):
+                    results[i] = res
+                    if on_result:
+                        on_result(i, res)
+                    bar.advance(task)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+    if on_result is None:
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            raise failed[0]
+    return results
+
+
+def stream_chat(config: ClientConfig, model: str, messages: Messages, params: GenerationParams) -> Iterator[str]:
+    """Streaming answer pieces for interactive chat (no cache: a person is watching)."""
+    import openai
+
+    api = openai.OpenAI(base_url=config.base_url, api_key=_key(config), timeout=config.timeout_s)
+    try:
+        stream = api.chat.completions.create(model=model, messages=messages, temperature=params.temperature,
+                                             top_p=params.top_p, max_tokens=params.max_new_tokens, stream=True,
+                                             **({"stop": params.stop} if params.stop else {}))
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+    except openai.APIStatusError as e:
+        raise FabrikaError(f"{config.base_url}: HTTP {e.status_code}: {_message(e)}") from None
+    except openai.APIConnectionError:
+        raise FabrikaError(f"{config.base_url}: cannot connect") from None
