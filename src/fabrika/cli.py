@@ -169,6 +169,50 @@ def export(
     run_stage_command("export", config, {"model": model, "quant": quant, "imatrix": imatrix}, set_, out, quiet)
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models: MT-Bench, scores from judgment files.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("mtbench")
+def eval_mtbench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="hf:DIR, gguf:FILE or openai:MODEL@URL."),
+    bench: Optional[list[str]] = typer.Option(None, "--bench", help="mt_bench, ru_mt_bench, ru_mt_bench_50, "
+                                                                   "zh_mt_bench, or a question file (repeatable)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge: openai:gpt-4o, openai:M@URL, hf:DIR."),
+    answers: Optional[str] = typer.Option(None, "--answers", help="Judge this answer file instead of generating."),
+    questions: Optional[int] = typer.Option(None, "--questions", help="Only the first N questions."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Generate MT-Bench answers and grade them with an LLM judge (FastChat-compatible files)."""
+    mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers,
+                            "questions": questions}.items() if v is not None}
+    art = run_stage_command("evaluate", config, {"model": model, "model_id": model_id, "mtbench": mt or None},
+                            set_, out, quiet=True)
+    console.print(Path(art.dir / "results.md").read_text(encoding="utf-8"))
+
+
+@eval_app.command("show")
+def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_single.jsonl files (FastChat's or ours).")
+              ) -> None:
+    """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
+    from rich.table import Table
+
+    from fabrika.evaluate.scores import fmt, read_judgments, summarise
+
+    rows = read_judgments(files)
+    summary = summarise(rows, languages={str(f): f.parent.parent.name for f in files})
+    table = Table(title="MT-Bench (single-answer grading)")
+    for col in ("model", "turn 1", "turn 2", "overall", "graded", "failed"):
+        table.add_column(col, justify="right")
+    for model, s in sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0)):
+        table.add_row(model, fmt(s["turn1"]), fmt(s["turn2"]), fmt(s["overall"]), str(s["n"]), str(s["failed"]))
+    console.print(table)
+    for model, s in summary.items():
+        if len(s["by_language"]) > 1:
+            console.print(f"{model} by language: " + ", ".join(f"{k} {fmt(v)}" for k, v in s["by_language"].items()))
+
+
 @app.command()
 def plan(
     arch: str = typer.Option("llama", help="Architecture preset."),

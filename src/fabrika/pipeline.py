@@ -42,6 +42,7 @@ STAGES: dict[str, str] = {
     "sft": "fabrika.train.sft",
     "prefer": "fabrika.train.prefer",
     "export": "fabrika.export.stage",
+    "evaluate": "fabrika.evaluate.stage",
 }
 
 PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
@@ -313,6 +314,16 @@ def _format_estimate(est: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "mfu", "kept", "cost_usd", "mt_bench",
+               "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
+
+
+def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:
+    """The few numbers worth a glance in a status table, most telling first."""
+    picked = {k: metrics[k] for k in KEY_METRICS if isinstance(metrics.get(k), (int, float, str))}
+    return dict(list(picked.items())[:limit])
+
+
 def status_table(run_dir: str | Path) -> Table:
     """The state of every stage of a run directory, from what is on disk."""
     run_dir = Path(run_dir)
@@ -329,8 +340,7 @@ def status_table(run_dir: str | Path) -> Table:
         if m is not None:
             state = "done" if m.get("fingerprint") == s["fingerprint"] else "stale"
             duration = f"{m.get('duration_s', 0):.1f}s"
-            metrics = _format_estimate({k: v for k, v in list(m.get("metrics", {}).items())[:4]
-                                        if isinstance(v, (int, float, str))})
+            metrics = _format_estimate(key_metrics(m.get("metrics", {})))
         elif (d / FAILED_FILE).exists():
             state, duration, metrics = "failed", "", (d / FAILED_FILE).read_text().strip()[:80]
         elif d.exists():

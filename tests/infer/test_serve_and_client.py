@@ -48,7 +48,7 @@ def test_bad_requests_get_openai_style_400(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(url, json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and "messages" in r.json()["error"]["param"]
-    r = httpx.post(url, json={"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 10})
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "word " * 2500}], "max_tokens": 10})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = httpx.post(url, content=b"not json", headers={"content-type": "application/json"})
     assert r.status_code == 400

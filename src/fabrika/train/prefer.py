@@ -137,6 +137,7 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                           callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
+    setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 

@@ -168,6 +168,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
                       callbacks=setup.make_callbacks(out, tokens_per_step, fpt, setup.peak_flops(cfg.train)))
 
+    setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
@@ -176,7 +177,8 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
                                "parameters": sum(p.numel() for p in model.parameters()),
                                "world_size": setup.world_size()}
     if len(val_ds):
-        ev = trainer.evaluate()
+        logged = [r for r in trainer.state.log_history if "eval_loss" in r]
+        ev = logged[-1] if logged and logged[-1]["step"] == result.global_step else trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(ev["eval_loss"], 50))
     speeds = [r for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]

@@ -182,6 +182,16 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
+def quiet_trainer(trainer, quiet: bool):
+    """No progress bar or printed log dicts when the stage runs quietly (metrics.jsonl still gets all)."""
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
 def resume_point(out_dir: Path) -> Path | None:
     """The checkpoint to resume from, with metrics.jsonl cut back to it; None starts afresh."""
     ckpt = last_checkpoint(out_dir)

@@ -282,6 +282,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
                          callbacks=setup.make_callbacks(out, tokens_per_step,
                                                         setup.flops_per_token(model.config, cfg.max_length),
                                                         setup.peak_flops(cfg.train)))
+    setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 

@@ -1,0 +1,1 @@
+"""Evaluation: MT-Bench with an LLM judge (FastChat-compatible), lm-evaluation-harness, perplexity."""

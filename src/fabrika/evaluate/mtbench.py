@@ -1,0 +1,175 @@
+"""MT-Bench in any language: answers from any generator, grades from any OpenAI-compatible judge,
+in FastChat's file formats so that files and scores move freely between FastChat and fabrika.
+
+Answers: both turns, the second conditioned on the model's own first answer, FastChat's temperature
+per category, batched, appended to `<bench>/model_answer/<model_id>.jsonl` as they are produced.
+Judgments: FastChat's prompts (byte for byte), temperature 0, appended to
+`<bench>/model_judgment/<judge>_single.jsonl`; calls go through fabrika's client, so they are
+cached and retried, and a killed run picks up what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from fabrika.artifacts import append_jsonl, read_jsonl
+from fabrika.errors import FabrikaError
+from fabrika.evaluate import judge as J
+from fabrika.infer.backends import GenerationParams, Generator, parse_ref
+
+BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
+
+
+def load_questions(bench: str) -> tuple[list[dict], dict[int, dict], str]:
+    """Questions, reference answers by id, and the language, for a packaged bench or a question file."""
+    if bench in BENCHES:
+        base = resources.files("fabrika.evaluate").joinpath("data", bench)
+        qfile, lang = base.joinpath("question.jsonl"), BENCHES[bench]
+        rfile = base.joinpath("reference_answer", "gpt-4.jsonl")
+    else:
+        qfile = Path(bench)
+        if not qfile.is_file():
+            raise FabrikaError(f"mtbench.bench: {bench!r} is neither a packaged bench ({', '.join(BENCHES)}) "
+                               "nor a question file")
+        rfile, lang = qfile.parent / "reference_answer" / "gpt-4.jsonl", "?"
+    questions = []
+    for n, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            q = json.loads(line)
+            if "question_id" not in q or not isinstance(q.get("turns"), list):
+                raise FabrikaError(f"{qfile}:{n}: expected FastChat's question format (question_id, category, turns)")
+            questions.append(q)
+    refs: dict[int, dict] = {}
+    if rfile.is_file():
+        for line in rfile.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                refs[r["question_id"]] = r
+    for q in questions:  # ruMT-Bench keeps references inside the question file
+        if q["question_id"] not in refs and q.get("reference"):
+            refs[q["question_id"]] = {"choices": [{"turns": q["reference"]}]}
+    return questions, refs, lang
+
+
+def generate_answers(gen: Generator, questions: list[dict], path: Path, model_id: str, max_new_tokens: int = 1024,
+                     batch: int = 16, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Answer every question not yet in `path` (FastChat's model_answer format), appending per batch."""
+    done = {a["question_id"] for a in read_jsonl(path)}
+    todo = [q for q in questions if q["question_id"] not in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_temp: dict[float, list[dict]] = {}
+    for q in todo:
+        by_temp.setdefault(J.TEMPERATURE.get(q.get("category", ""), 0.7), []).append(q)
+    for temp, group in by_temp.items():
+        params = GenerationParams(temperature=temp, max_new_tokens=max_new_tokens, seed=0)
+        for start in range(0, len(group), batch):
+            chunk = group[start:start + batch]
+            convs = [[{"role": "user", "content": q["turns"][0]}] for q in chunk]
+            first = [c[0].text.strip() for c in gen.generate(convs, params)]
+            turns = [[a] for a in first]
+            if any(len(q["turns"]) > 1 for q in chunk):
+                second_convs = [conv + [{"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
+                                for q, conv, a in zip(chunk, convs, first) if len(q["turns"]) > 1]
+                second = iter(c[0].text.strip() for c in gen.generate(second_convs, params))
+                for q, t in zip(chunk, turns):
+                    if len(q["turns"]) > 1:
+                        t.append(next(second))
+            append_jsonl(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
+                                 "model_id": model_id, "choices": [{"index": 0, "turns": t}], "tstamp": time.time()}
+                                for q, t in zip(chunk, turns)])
+            if progress:
+                progress(len(chunk))
+    return load_answers(path)
+
+
+def load_answers(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise FabrikaError(f"answers: {path} not found")
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            a = json.loads(line)
+            a["choices"][0]["turns"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise FabrikaError(f"{path}:{n}: not a FastChat model answer (question_id, model_id, choices[0].turns)") from None
+        rows.append(a)
+    return rows
+
+
+def judge_matches(questions: list[dict], answers: list[dict], refs: dict[int, dict], judge_model: str,
+                  prompts: dict[str, dict], done: set[tuple[int, int]]) -> list[dict]:
+    """Every (question, turn) still to grade, with the exact messages FastChat would send."""
+    judges = J.single_judges(judge_model, prompts)
+    by_q = {q["question_id"]: q for q in questions}
+    matches = []
+    for a in answers:
+        q = by_q.get(a["question_id"])
+        if q is None:
+            continue
+        for turn in (1, 2):
+            if turn > len(q["turns"]) or turn > len(a["choices"][0]["turns"]) or (a["question_id"], turn) in done:
+                continue
+            j = J.pick(judges, q.get("category", ""), turn)
+            ref = refs.get(q["question_id"]) if j.ref_based else None
+            if j.ref_based and ref is None:
+                j = J.pick(judges, "", turn)  # no reference available: grade like FastChat's general questions
+            matches.append({"question": q, "answer": a, "judge": j, "turn": turn,
+                            "messages": J.single_prompt(j, q, a, ref)})
+    return matches
+
+
+def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, client_options: dict[str, Any],
+                retries: int = 1, quiet: bool = True) -> None:
+    """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives."""
+    if not matches:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind, target = parse_ref(judge_ref)
+    pending = matches
+    for attempt in range(retries + 1):
+        params = GenerationParams(temperature=0.0, max_new_tokens=2048, seed=attempt or None)
+        texts: dict[int, str] = {}
+
+        def keep(i: int, result) -> None:
+            if isinstance(result, Exception):
+                texts[i] = f"$ERROR$ {result}"
+            else:
+                texts[i] = result[0].text
+            m = pending[i]
+            score = J.parse_rating(texts[i])
+            if score != -1 or attempt == retries:
+                append_jsonl(out, [{"question_id": m["question"]["question_id"], "model": model_id,
+                                    "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
+                                    "judgment": texts[i], "score": score, "turn": m["turn"], "tstamp": time.time()}])
+
+        convs = [m["messages"] for m in pending]
+        if kind == "openai":
+            from fabrika.infer.client import ClientConfig, run_requests
+
+            model, _, url = target.partition("@")
+            cfg = ClientConfig(**({"base_url": url} if url else {}), **client_options)
+            run_requests(cfg, model, convs, params, quiet=quiet, on_result=keep)
+        else:
+            from fabrika.infer.backends import load_generator
+
+            for i, res in enumerate(load_generator(judge_ref).generate(convs, params)):
+                keep(i, res)
+        pending = [m for i, m in enumerate(pending) if J.parse_rating(texts[i]) == -1]
+        if not pending:
+            break
+
+
+def estimate_judging(matches: list[dict], judge_model: str) -> dict[str, Any]:
+    from fabrika.infer.client import DEFAULT_PRICES
+
+    chars = sum(len(m["messages"][0]["content"]) + len(m["messages"][1]["content"]) for m in matches)
+    p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
+    prompt_tokens, answer_tokens = chars / 4, 300 * len(matches)  # ~4 chars/token, ~300-token judgments
+    return {"judge_calls": len(matches), "est_cost_usd": round((prompt_tokens * p_in + answer_tokens * p_out) / 1e6, 2)}

@@ -1,0 +1,267 @@
+"""The `evaluate` stage: MT-Bench judged by an LLM, perplexity, lm-evaluation-harness tasks and a
+benchmark contamination check, folded into one results.json, a Markdown table and plots.
+
+    fabrika eval mtbench --model hf:runs/x/sft/model --bench ru_mt_bench --judge openai:gpt-4o --out DIR
+    fabrika eval mtbench --answers other/model_answer/m.jsonl --bench mt_bench --judge openai:gpt-4o --out DIR
+    fabrika eval show DIR/*/model_judgment/*.jsonl
+
+or as an `evaluate` stage of a pipeline (`model: sft`, `mtbench: {bench: [mt_bench, ru_mt_bench], judge: judge}`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from fabrika.artifacts import Artifact, RunContext, atomic_write_json, atomic_write_text, read_jsonl
+from fabrika.config import Config
+from fabrika.errors import FabrikaError
+from fabrika.evaluate import judge as J
+from fabrika.evaluate import mtbench as M
+from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, summarise
+
+
+class MTBenchParams(Config):
+    bench: list[str] = Field(default_factory=lambda: ["mt_bench"], description="Benches or FastChat question files.")
+    judge: str = Field("openai:gpt-4o", description="Judge model reference (a named model, openai:..., hf:...).")
+    prompts: str = Field("auto", description="fastchat, multilingual, or auto (multilingual for non-English).")
+    questions: int | None = Field(None, ge=1, description="Only the first N questions (quick checks).")
+    max_new_tokens: int = Field(1024, ge=1, description="Answer length, FastChat's default.")
+    answers: str | None = Field(None, description="Judge this existing answer file instead of generating.")
+    judge_retries: int = Field(1, ge=0, description="Extra tries for judgments without a [[rating]].")
+    client: dict[str, Any] = Field(default_factory=dict, description="Judge client settings (concurrency, ...).")
+
+    @field_validator("bench", mode="before")
+    @classmethod
+    def _list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class PerplexityParams(Config):
+    data: str = Field(description="Text file, dataset, or a prepare stage (its validation shards).")
+    context: int = Field(512, ge=8, description="Tokens per window.")
+    max_tokens: int = Field(16384, ge=16, description="Tokens scored at most.")
+
+
+class HarnessParams(Config):
+    tasks: list[str] = Field(description="lm-eval task names.")
+    include_path: str | None = Field(None, description="Folder of custom task YAML files.")
+    limit: float | None = Field(None, gt=0, description="Examples per task (or fraction).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples.")
+
+
+class ContaminationParams(Config):
+    data: str = Field(description="Training dataset (a collect stage, dataset dir or file).")
+    benches: list[str] = Field(default_factory=lambda: list(M.BENCHES), description="Benches to check against.")
+    n: int = Field(8, ge=3, description="n-gram size (words; characters for Chinese).")
+    threshold: float = Field(0.5, gt=0, le=1, description="Overlap that flags a pair.")
+
+
+class EvaluateConfig(Config):
+    model: str | None = Field(None, description="Model to evaluate: a stage, hf:DIR, gguf:FILE, openai:MODEL@URL.")
+    model_id: str | None = Field(None, description="Name in answer and judgment files (default: the stage name).")
+    tokenizer: str | None = Field(None, description="HF tokenizer for perplexity of a GGUF file.")
+    mtbench: MTBenchParams | None = Field(None, description="MT-Bench settings.")
+    perplexity: PerplexityParams | None = Field(None, description="Perplexity settings.")
+    harness: HarnessParams | None = Field(None, description="lm-evaluation-harness settings.")
+    contamination: ContaminationParams | None = Field(None, description="Benchmark contamination check.")
+
+
+CONFIG = EvaluateConfig
+
+
+def inputs(cfg: EvaluateConfig) -> list[str]:
+    refs = [cfg.model, cfg.tokenizer]
+    if cfg.perplexity:
+        refs.append(cfg.perplexity.data)
+    if cfg.contamination:
+        refs.append(cfg.contamination.data)
+    if cfg.mtbench:
+        refs.append(cfg.mtbench.judge)
+    return [r for r in refs if r]
+
+
+def model_ref(cfg: EvaluateConfig, ctx: RunContext) -> str:
+    if not cfg.model:
+        raise FabrikaError("evaluate.model: which model? (a stage name, hf:DIR, gguf:FILE or openai:MODEL@URL)")
+    ref = ctx.resolve_model(cfg.model)
+    art = ctx.input_artifact(ref)
+    if art is not None:
+        return f"gguf:{art.path}" if str(art.path).endswith(".gguf") else f"hf:{art.path}"
+    return ref
+
+
+def judge_ref(cfg: MTBenchParams, ctx: RunContext) -> str:
+    ref = ctx.resolve_model(cfg.judge)
+    art = ctx.input_artifact(ref)
+    return f"hf:{art.path}" if art is not None else ref
+
+
+def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cfg.mtbench:
+        n = 0
+        for bench in cfg.mtbench.bench:
+            qs = M.load_questions(bench)[0][: cfg.mtbench.questions]
+            n += sum(len(q["turns"]) for q in qs)
+        judge_model = ctx.resolve_model(cfg.mtbench.judge).removeprefix("openai:").split("@")[0]
+        from fabrika.infer.client import DEFAULT_PRICES
+
+        p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
+        out.update(judge_calls=n, est_judge_usd=round(n * (1500 * p_in + 300 * p_out) / 1e6, 2))
+    return out
+
+
+def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[str, Any]:
+    p = cfg.mtbench
+    assert p is not None
+    jref = judge_ref(p, ctx)
+    judge_name = jref.split(":", 1)[-1].split("@")[0].replace("/", "_")
+    gen = None
+    results: dict[str, Any] = {}
+    for bench in p.bench:
+        questions, refs, lang = M.load_questions(bench)
+        questions = questions[: p.questions] if p.questions else questions
+        name = Path(bench).parent.name if bench not in M.BENCHES else bench
+        bench_dir = ctx.stage_dir / name
+        if p.answers:
+            answers = M.load_answers(Path(p.answers))
+            model_id = answers[0]["model_id"] if answers else model_id
+        else:
+            if gen is None:
+                from fabrika.infer.backends import load_generator
+
+                gen = load_generator(model_ref(cfg, ctx))
+            answers = M.generate_answers(gen, questions, bench_dir / "model_answer" / f"{model_id}.jsonl", model_id,
+                                         p.max_new_tokens)
+        kind = p.prompts if p.prompts != "auto" else ("fastchat" if lang == "en" else "multilingual")
+        judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"
+        done = {(r["question_id"], r["turn"]) for r in read_jsonl(judgment_file) if r.get("model") == model_id}
+        matches = M.judge_matches(questions, answers, refs, judge_name, J.load_prompts(kind), done)
+        est = M.estimate_judging(matches, judge_name)
+        if not ctx.quiet:
+            print(f"{name}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']})")
+        options = {"cache_dir": str(ctx.stage_dir / "judge_cache"), **p.client}
+        M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet)
+        rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
+        cats = {q["question_id"]: q.get("category", "") for q in questions}
+        summary = summarise(rows, cats).get(model_id, {})
+        summary["language"] = lang
+        summary["judge"] = judge_name
+        summary["prompts"] = kind
+        results[name] = summary
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """Per-category MT-Bench scores, one bar group per bench, turn 1 vs turn 2 beside."""
+    benches = {b: r for b, r in results.get("mtbench", {}).items() if r.get("by_category")}
+    if not benches:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    cats = sorted({c for r in benches.values() for c in r["by_category"]})
+    width = 0.8 / len(benches)
+    for i, (bench, r) in enumerate(benches.items()):
+        axes[0].bar([k + i * width for k in range(len(cats))], [r["by_category"].get(c) or 0 for c in cats],
+                    width, label=bench)
+        axes[1].bar([i * 3, i * 3 + 1], [r.get("turn1") or 0, r.get("turn2") or 0], label=bench)
+    axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(cats))], cats, rotation=30, ha="right")
+    axes[0].set_ylim(0, 10)
+    axes[0].set_title("MT-Bench by category")
+    axes[0].legend()
+    axes[1].set_xticks([i * 3 + 0.5 for i in range(len(benches))], list(benches), rotation=30, ha="right")
+    axes[1].set_ylim(0, 10)
+    axes[1].set_title("turn 1 | turn 2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict[str, Any], model_id: str) -> str:
+    lines = [f"# Evaluation of {model_id}", ""]
+    if results.get("mtbench"):
+        lines += ["## MT-Bench", "", "| bench | turn 1 | turn 2 | overall | graded | failed | judge |", "|---|---|---|---|---|---|---|"]
+        for bench, r in results["mtbench"].items():
+            lines.append(f"| {bench} | {fmt(r.get('turn1'))} | {fmt(r.get('turn2'))} | {fmt(r.get('overall'))} | "
+                         f"{r.get('n', 0)} | {r.get('failed', 0)} | {r.get('judge')} |")
+            for ref_model, score in REFERENCE_SCORES.get(bench, {}).items():
+                lines.append(f"| ↳ published: {ref_model} | | | {score:.2f} | | | gpt-4-turbo |")
+        lines.append("")
+    if results.get("perplexity"):
+        r = results["perplexity"]
+        lines += ["## Perplexity", "", f"{r['ppl']:.3f} on {r['tokens']} tokens of {r['source']} (context {r['context']})", ""]
+    if results.get("harness"):
+        lines += ["## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---|"]
+        for task, metrics in results["harness"].items():
+            lines += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
+        lines.append("")
+    if "contamination" in results:
+        flagged = results["contamination"]
+        lines += ["## Contamination", "", f"{len(flagged)} training rows overlap benchmark questions."]
+        lines += [f"- question {f['question_id']} ~ row {f['row']} ({f['overlap']:.0%})" for f in flagged[:20]]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:
+    if not any((cfg.mtbench, cfg.perplexity, cfg.harness, cfg.contamination)):
+        raise FabrikaError("evaluate: nothing to do; set mtbench, perplexity, harness or contamination")
+    model_id = cfg.model_id or (cfg.model if cfg.model and ctx.input_artifact(cfg.model) else ctx.stage) or "model"
+    results: dict[str, Any] = {"model": model_id}
+    if cfg.mtbench:
+        results["mtbench"] = _run_mtbench(cfg, ctx, model_id)
+    if cfg.perplexity:
+        from fabrika.evaluate.perplexity import perplexity
+
+        ref = model_ref(cfg, ctx)
+        tok = ctx.resolve(cfg.tokenizer) if cfg.tokenizer else None
+        results["perplexity"] = perplexity(ref, ctx.resolve(cfg.perplexity.data), cfg.perplexity.context,
+                                           cfg.perplexity.max_tokens, tok)
+    if cfg.harness:
+        from fabrika.evaluate.harness import run_harness
+
+        kind, path = model_ref(cfg, ctx).split(":", 1)
+        if kind != "hf":
+            raise FabrikaError("evaluate.harness: lm-evaluation-harness runs on a Hugging Face model directory")
+        h = cfg.harness
+        results["harness"] = run_harness(path, h.tasks, h.include_path, h.limit, h.num_fewshot)
+    if cfg.contamination:
+        results["contamination"] = check_contamination(cfg.contamination, ctx)
+    atomic_write_json(ctx.stage_dir / "results.json", results)
+    atomic_write_text(ctx.stage_dir / "results.md", markdown(results, model_id))
+    plot(results, ctx.stage_dir / "mtbench.png")
+    metrics: dict[str, Any] = {}
+    for bench, r in results.get("mtbench", {}).items():
+        metrics[bench] = r.get("overall")
+    if "perplexity" in results:
+        metrics["ppl"] = results["perplexity"]["ppl"]
+    if "contamination" in results:
+        metrics["contaminated_rows"] = len(results["contamination"])
+    return ctx.finish(ctx.stage_dir / "results.json", cfg, metrics=metrics)
+
+
+def check_contamination(p: ContaminationParams, ctx: RunContext) -> list[dict[str, Any]]:
+    from fabrika.data.formats import RowError, to_messages
+    from fabrika.data.sources import iter_rows
+    from fabrika.evaluate.contamination import check
+
+    questions = []
+    for bench in p.benches:
+        for q in M.load_questions(bench)[0]:
+            for t, turn in enumerate(q["turns"]):
+                questions.append((f"{bench}:{q['question_id']}:{t + 1}", turn))
+    rows = []
+    for i, row in iter_rows(ctx.resolve(p.data)):
+        try:
+            rows.append((i, "\n".join(m["content"] for m in to_messages(row))))
+        except RowError:
+            continue
+    return check(questions, rows, p.n, p.threshold)
