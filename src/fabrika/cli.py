@@ -84,6 +84,20 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name
 
 
 @app.command()
+def collect(
+    source: Optional[str] = typer.Option(None, "--source", help="Hub dataset id or local file/dir."),
+    quota: Optional[str] = typer.Option(None, "--quota", help="Prompts per language: ru=1000,en=1000,zh=1000."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="openai:gpt-4o, openai:M@URL, hf:DIR, ..."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Build an instruction (or preference) dataset by distillation from a teacher; resumable."""
+    flags = {"source": source, "quota": quota, "teacher": teacher,
+             "client": {"concurrency": concurrency} if concurrency else None}
+    run_stage_command("collect", config, flags, set_, out, quiet)
+
+
+@app.command()
 def tokenizer(
     paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders or globs."),
     dataset: Optional[str] = typer.Option(None, help="Hub dataset id (streamed) instead of files."),

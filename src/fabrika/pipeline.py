@@ -36,6 +36,7 @@ from fabrika.errors import FabrikaError
 
 # Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
 STAGES: dict[str, str] = {
+    "collect": "fabrika.data.collect",
     "tokenizer": "fabrika.models.tokenizer",
     "prepare": "fabrika.data.corpus",
     "pretrain": "fabrika.train.pretrain",
