@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fabrika.errors import FabrikaError
+from fabrika.models.presets import layer_linears
 
 # Dense bf16 peak TFLOP/s (vendor spec sheets, without sparsity), memory GB, typical rental $/GPU-hour.
 GPUS = {
@@ -87,19 +88,6 @@ def _config(arch: str, size: str, model: str | None):
     return make_config(arch, size), f"{arch}-{size}"
 
 
-def _linear_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of every linear projection in one decoder layer: what LoRA adapts."""
-    h = config.hidden_size
-    heads = config.num_attention_heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
-    experts = getattr(config, "num_local_experts", None) or 1
-    attn = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h)]
-    mlp = [(h, inter), (h, inter), (inter, h)] if config.model_type != "gpt2" else [(h, inter), (inter, h)]
-    return attn + mlp * experts
-
-
 def memory_estimates(config, params: dict[str, int], seq: int, batch: int, gpus: int, checkpointing: bool,
                      lora_r: int) -> dict[str, Memory]:
     n = params["total"]
@@ -108,8 +96,8 @@ def memory_estimates(config, params: dict[str, int], seq: int, batch: int, gpus:
     acts = (2 * seq * batch * h * layers + per_layer_full) if checkpointing else per_layer_full * layers
     acts += seq * batch * vocab * 4  # fp32 logits for the loss
     shard = gpus if gpus > 1 else 1
-    lora = layers * sum(lora_r * (i + o) for i, o in _linear_shapes(config))
-    linear = layers * sum(i * o for i, o in _linear_shapes(config))
+    lora = layers * sum(lora_r * (i + o) for i, o in layer_linears(config))
+    linear = layers * sum(i * o for i, o in layer_linears(config))
     return {
         "full": Memory(weights=2 * n / shard, gradients=2 * n / shard, optimizer=12 * n / shard, activations=acts),
         "lora": Memory(weights=2 * n + 4 * lora, gradients=4 * lora, optimizer=8 * lora, activations=acts),

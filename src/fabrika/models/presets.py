@@ -162,3 +162,18 @@ class ModelSpec(Config):
 
     def to_hf_config(self, vocab_size: int, max_position_embeddings: int | None = None):
         return make_config(self.arch, self.size, vocab_size, max_position_embeddings, **self.overrides)
+
+
+def layer_linears(config: Any, experts: int | None = None) -> list[tuple[int, int]]:
+    """(in, out) of every linear projection in one decoder layer: what LoRA adapts and what a token's
+    matmul FLOPs come from. `experts` counts MoE experts (all by default; the active ones for FLOPs)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    if experts is None:
+        experts = getattr(config, "num_local_experts", None) or 1
+    attn = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h)]
+    mlp = [(h, inter), (h, inter), (inter, h)] if config.model_type != "gpt2" else [(h, inter), (inter, h)]
+    return attn + mlp * experts

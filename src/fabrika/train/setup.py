@@ -111,19 +111,16 @@ def peak_flops(params: TrainParams) -> float | None:
 def flops_per_token(config: Any, seq_len: int) -> float:
     """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
     scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits."""
-    hidden = config.hidden_size
-    layers = config.num_hidden_layers
+    from fabrika.models.presets import layer_linears
+
+    hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     experts = getattr(config, "num_local_experts", None) or 1
-    active = getattr(config, "num_experts_per_tok", None) or 1
-    gated = 3 if getattr(config, "model_type", "") != "gpt2" else 2
-    attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
-    mlp = gated * hidden * inter * (active if experts > 1 else 1)
+    active = (getattr(config, "num_experts_per_tok", None) or 1) if experts > 1 else 1
     router = hidden * experts if experts > 1 else 0
-    n = layers * (attn + mlp + router) + hidden * config.vocab_size  # + lm_head
+    matmul = sum(i * o for i, o in layer_linears(config, experts=active))
+    n = layers * (matmul + router) + hidden * config.vocab_size  # + lm_head
     return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
 
 
