@@ -3,21 +3,21 @@
     python bench/client_throughput.py [--requests 500] [--latency 0.2]
 
 A trivial OpenAI-compatible echo server answers instantly; the fault-injecting proxy in front of it
-adds a fixed latency to every request. The bound at concurrency c is c / latency requests/s; the
-table shows how close fabrika's client gets, and the sequential loop a one-off script would run.
+adds a fixed latency to every request. Both run in a child process, so the client does not share the
+interpreter with them. The bound at concurrency c is c / latency requests/s; the table shows how close fabrika's client gets, and the sequential loop a one-off script would run.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
 from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, run_requests
-from fabrika.infer.proxy import FaultProxy
 
 
 def echo_app() -> FastAPI:
@@ -43,6 +43,20 @@ def start_echo():
     return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
+def start_teacher_process(latency: float):
+    """The echo server and the latency proxy in a child process, so that the client measured here
+    does not share a Python interpreter (and its GIL) with them. Returns (process, proxy url)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from client_throughput import start_echo; "
+            "from fabrika.infer.proxy import FaultProxy; p = FaultProxy(start_echo(), latency_s=float(sys.argv[2]))."
+            "__enter__(); print(p.url, flush=True); time.sleep(1e6)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(latency)],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=500)
@@ -52,13 +66,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    upstream = start_echo()
     params = GenerationParams(max_new_tokens=8)
     rows = []
-    with FaultProxy(upstream, latency_s=args.latency) as proxy:
+    teacher, url = start_teacher_process(args.latency)
+    try:
         import openai
 
-        plain = openai.OpenAI(base_url=proxy.url, api_key="x")
+        plain = openai.OpenAI(base_url=url, api_key="x")
         n_seq = min(args.requests, 25)
         t = time.perf_counter()
         for i in range(n_seq):  # what a one-off script does: one request after another
@@ -68,10 +82,12 @@ def main() -> None:
             n = args.requests if c > 1 else n_seq
             convs = [[{"role": "user", "content": f"c{c}-{i}"}] for i in range(n)]
             t = time.perf_counter()
-            run_requests(ClientConfig(base_url=proxy.url, concurrency=c), "echo", convs, params, quiet=True)
+            run_requests(ClientConfig(base_url=url, concurrency=c), "echo", convs, params, quiet=True)
             rps = n / (time.perf_counter() - t)
             bound = c / args.latency
             rows.append((c, n, rps, bound, rps / bound, rps / sequential))
+    finally:
+        teacher.kill()
     table = Table(title=f"client throughput, {args.latency * 1000:.0f} ms added latency per request",
                   caption=f"sequential loop (openai client, one request at a time): {sequential:.2f} req/s")
     for col in ("concurrency", "requests", "req/s", "bound", "of bound", "× sequential"):

@@ -66,6 +66,37 @@ def append_jsonl(path: str | Path, rows: list[dict[str, Any]], fsync: bool = Tru
             os.fsync(f.fileno())
 
 
+class Journal:
+    """Append-only JSONL for long paid jobs: each row is written to the OS at once, so a killed process
+    loses nothing; fsync (milliseconds each) runs at most every `sync_every_s` and on close, so a power
+    cut can cost at most that much, and the response cache still holds those answers."""
+
+    def __init__(self, path: str | Path, sync_every_s: float = 1.0) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+        self.sync_every_s = sync_every_s
+        self.synced = time.monotonic()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        self.file.flush()
+        if time.monotonic() - self.synced >= self.sync_every_s:
+            os.fsync(self.file.fileno())
+            self.synced = time.monotonic()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL journal, ignoring a last line cut short by a crash."""
     path = Path(path)
@@ -139,13 +170,11 @@ def package_versions() -> dict[str, str]:
 def host_info() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
                             "cpus": os.cpu_count()}
-    try:
-        import torch
+    import sys
 
-        if torch.cuda.is_available():
-            info["accelerator"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")  # only a stage that used torch has accelerators worth naming
+    if torch is not None and torch.cuda.is_available():
+        info["accelerator"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
 
 

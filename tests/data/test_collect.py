@@ -1,12 +1,23 @@
 """collect: filters on real refusal texts in three languages, and seeded per-language sampling of a
-Tagengo-shaped sample. (End-to-end tests against a served teacher are still to come: see the notes.)"""
+Tagengo-shaped sample, and the stage end to end against `fabrika serve` behind the fault proxy:
+kill -9 and resume, teacher errors, bad sources."""
 
 from __future__ import annotations
 
-from helpers import REPO
+import signal
+import time
+from pathlib import Path
 
+import pytest
+import yaml
+from helpers import REPO, run_cli, write_jsonl
+
+from fabrika.artifacts import read_jsonl
 from fabrika.data import collect
 from fabrika.data import filters as F
+from fabrika.errors import FabrikaError
+from fabrika.infer.proxy import FaultProxy
+from fabrika.infer.serve import serve_in_background
 
 SAMPLE = REPO / "data" / "samples" / "tagengo_sample.parquet"
 
@@ -45,3 +56,70 @@ def test_sampling_quotas_dedup_and_malformed(capsys):
     more = collect.CONFIG(source=str(SAMPLE), quota={"ru": 25}, teacher="x")
     picked, _ = collect.sample_prompts(more, str(SAMPLE))
     assert len(picked) == 20 and "only 20 ru prompts" in capsys.readouterr().out
+
+
+def _collect_config(tmp_path, url: str, **extra) -> Path:
+    cfg = {"source": str(SAMPLE), "quota": {"ru": 3, "en": 3, "zh": 3}, "teacher": f"openai:tiny@{url}",
+           "max_tokens": 6, "filters": ["empty", "duplicate"],
+           "client": {"concurrency": 1, "max_retries": 2, "backoff_base_s": 0.05, "timeout_s": 30}, **extra}
+    path = tmp_path / f"collect-{len(list(tmp_path.glob('collect-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _rows(out: Path) -> list[dict]:
+    import datasets
+
+    return datasets.load_from_disk(str(out / "dataset")).to_list()
+
+
+def test_kill_and_resume_asks_only_for_what_is_missing(server, tmp_path):
+    with FaultProxy(server.url.removesuffix("/v1")) as proxy:
+        cfg = _collect_config(tmp_path, proxy.url)
+        out = tmp_path / "run"
+        r = run_cli("collect", "--config", str(cfg), "--out", str(out), "--quiet",
+                    env={"FABRIKA_FAULT_KILL_AFTER_ROWS": "4"})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert len(list(read_jsonl(out / collect.JOURNAL))) == 4
+        time.sleep(0.5)
+        before = proxy.received  # 4, or 5 when the next request was in flight at the kill
+        r = run_cli("collect", "--config", str(cfg), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert proxy.received - before == 5  # the 4 journaled prompts were not asked again
+        ids = [j["id"] for j in read_jsonl(out / collect.JOURNAL)]
+        assert len(ids) == len(set(ids)) == 9
+        assert "collect" in r.stdout and "sampled" in r.stdout  # the summary table
+
+        whole = tmp_path / "whole"
+        assert run_cli("collect", "--config", str(cfg), "--out", str(whole), "--quiet").returncode == 0
+    assert _rows(out) == _rows(whole)  # resumed = uninterrupted
+    rows = _rows(out)
+    assert {r["language"] for r in rows} == {"ru", "en", "zh"}
+    assert {"messages", "id", "teacher", "finish_reason", "prompt_tokens", "completion_tokens"} <= set(rows[0])
+    assert rows[0]["messages"][-1]["role"] == "assistant"
+    assert (out / "data.parquet").exists() and (out / "sharegpt.jsonl").exists()
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| ru | 3 | 3 |" in card
+
+
+def test_teacher_errors_stop_with_the_journal_intact(chat_model, tmp_path):
+    with serve_in_background(f"hf:{chat_model}", name="tiny", api_key="sekret") as locked:
+        r = run_cli("collect", "--config", str(_collect_config(tmp_path, locked.url)), "--out", str(tmp_path / "a"),
+                    "--quiet")
+        assert r.returncode == 2 and "API key was rejected" in r.stderr and "Traceback" not in r.stderr
+    with FaultProxy(locked.url.removesuffix("/v1"), ["500"] * 100) as down:
+        r = run_cli("collect", "--config", str(_collect_config(tmp_path, down.url)), "--out", str(tmp_path / "b"),
+                    "--quiet")
+        assert r.returncode == 2 and "run the same command again" in r.stderr, r.stderr
+        assert down.received == 9 * 3  # every prompt tried three times, then the stage stopped
+
+
+def test_bad_sources_name_what_is_wrong(tmp_path):
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is two plus two?", "lang": "en"}])
+    for extra, expect in [({"format": "prompt"}, "no column 'prompt'"),
+                          ({}, "cannot tell the format"),
+                          ({"format": "prompt", "prompt_field": "question", "quota": {"xx": 1}}, "xx")]:
+        cfg = collect.CONFIG(**{"source": str(rows), "teacher": "x", **extra})
+        with pytest.raises(FabrikaError, match=expect) as e:
+            collect.sample_prompts(cfg, str(rows))
+        assert "question" in str(e.value) or "xx" in str(e.value)

@@ -4,9 +4,9 @@
         --teacher openai:gpt-4o --out runs/x/collect [--concurrency 64] [--config collect.yaml]
 
 or as the `collect` stage of a pipeline. Every teacher response is appended to `journal.jsonl`
-(fsync'd) before anything else happens to it, rejected ones too with their reason; a crash, Ctrl-C or
-kill -9 followed by the same command asks only for what is missing, so nothing paid for is lost and
-the dataset equals an uninterrupted run's. In preference mode each prompt gets k candidate answers
+(written at once, fsync'd every second) before anything else happens to it, rejected ones too with
+their reason; a crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing,
+so nothing paid for is lost and the dataset equals an uninterrupted run's. In preference mode each prompt gets k candidate answers
 that a judge grades (FastChat's single-answer prompt); the best and worst become chosen/rejected.
 """
 
@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from fabrika.artifacts import Artifact, RunContext, append_jsonl, atomic_write_text, read_jsonl
+from fabrika.artifacts import Artifact, Journal, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
-from fabrika.data.formats import RowError, check_conversation, to_messages
+from fabrika.data.formats import RowError, check_conversation, detect_format, to_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.infer.backends import GenerationParams, load_generator, parse_ref
@@ -94,8 +94,17 @@ def sample_prompts(cfg: CollectConfig, ref: str, say=print) -> tuple[list[dict],
     """Convert, clean, deduplicate and sample the prompts; the last user turn is what the teacher answers."""
     ds = load_dataset_any(ref, cfg.split)
     cols = ds.column_names
-    if cfg.format == "prompt" and cfg.prompt_field not in cols:
-        raise FabrikaError(f"collect.source: {ref} has no column {cfg.prompt_field!r}; it has: {', '.join(cols)}")
+    needed = {"messages": ["messages"], "sharegpt": ["conversations"], "alpaca": ["instruction", "output"],
+              "prompt": [cfg.prompt_field]}.get(cfg.format, [])
+    missing = [c for c in needed if c not in cols]
+    if cfg.format == "auto" and len(ds):
+        try:
+            detect_format(ds[0])
+        except RowError as e:
+            raise FabrikaError(f"collect.source: {ref}: {e}") from None
+    if missing:
+        raise FabrikaError(f"collect.source: {ref} has no column {', '.join(map(repr, missing))} (format "
+                           f"{cfg.format}); it has: {', '.join(cols)}")
     id_field = cfg.id_field or next((c for c in ("conversation_id", "id", "question_id") if c in cols), None)
     if cfg.id_field and cfg.id_field not in cols:
         raise FabrikaError(f"collect.id_field: {ref} has no column {cfg.id_field!r}; it has: {', '.join(cols)}")
@@ -190,25 +199,36 @@ def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
                                   max_new_tokens=cfg.max_tokens, n=n, seed=cfg.seed)
 
         journaled = [0]
+        failed: list[str] = []
         kill_after = int(os.environ.get("FABRIKA_FAULT_KILL_AFTER_ROWS", "0"))
 
         def keep(i: int, result) -> None:
             p = todo[i]
             if isinstance(result, Exception):
-                return  # not journaled: a rerun asks again
+                failed.append(f"{p['id']}: {result}")  # not journaled: a rerun asks again
+                return
             rows = []
             for j, c in enumerate(result):
                 reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, extra)
                 rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
                              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                              "cost": c.cost, "index": j})
-            append_jsonl(journal, [{"id": p["id"], "kind": "answer", "language": p["language"], "teacher": cfg.teacher,
-                                    "answers": rows, "time": time.time()}])
+            log.append({"id": p["id"], "kind": "answer", "language": p["language"], "teacher": cfg.teacher,
+                        "answers": rows, "time": time.time()})
             journaled[0] += 1
             if kill_after and journaled[0] >= kill_after:  # test hook: die like kill -9 in the middle
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        ask(teacher, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+        try:
+            with Journal(journal) as log:
+                ask(teacher, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+        except FabrikaError as e:
+            raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
+                               "run the same command again to continue") from None
+        if failed:
+            raise FabrikaError(f"collect: {len(failed)} of {len(todo)} requests to {teacher} failed (first: "
+                               f"{failed[0]}); {journaled[0]} answers are safe in {journal}; run the same "
+                               "command again to ask only for the missing ones")
 
     answers = {r["id"]: r for r in read_jsonl(journal) if r.get("kind", "answer") == "answer"}
     if pref:
@@ -242,11 +262,12 @@ def _grade_candidates(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], 
         text = "" if isinstance(result, Exception) else result[0].text
         grades[pid].append({"index": idx, "score": J.parse_rating(text), "judgment": text})
         if len(grades[pid]) == expected[pid]:
-            append_jsonl(journal, [{"id": pid, "kind": "grades", "grades": sorted(grades[pid], key=lambda g: g["index"])}])
+            log.append({"id": pid, "kind": "grades", "grades": sorted(grades[pid], key=lambda g: g["index"])})
 
     if jobs:
-        ask(ctx.resolve_model(cfg.preference.judge), [j[2] for j in jobs],
-            GenerationParams(temperature=0.0, max_new_tokens=1024), client, ctx.quiet, keep)
+        with Journal(journal) as log:
+            ask(ctx.resolve_model(cfg.preference.judge), [j[2] for j in jobs],
+                GenerationParams(temperature=0.0, max_new_tokens=1024), client, ctx.quiet, keep)
 
 
 def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], answers: dict,

@@ -73,6 +73,7 @@ class ResponseCache:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(Path(directory) / "responses.sqlite"), check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process; no fsync per response
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
         self.lock = threading.Lock()
 

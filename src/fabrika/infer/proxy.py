@@ -41,7 +41,15 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        async def shutdown() -> None:  # let open connections end quietly before the loop stops
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.http.aclose()
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         self.thread.join(timeout=5)
 
     def _run(self) -> None:
@@ -99,7 +107,7 @@ class FaultProxy:
                     self.forwarded += 1
                     writer.write(self._response(r.status_code, r.content))
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             if not writer.is_closing():
