@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, run_cli, write_jsonl
+from helpers import REPO, run_cli, scripted_server, write_jsonl
 
-from fabrika.artifacts import read_jsonl
+from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.data import collect
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
@@ -123,3 +123,46 @@ def test_bad_sources_name_what_is_wrong(tmp_path):
         with pytest.raises(FabrikaError, match=expect) as e:
             collect.sample_prompts(cfg, str(rows))
         assert "question" in str(e.value) or "xx" in str(e.value)
+
+
+def _answer_in(messages: list[dict]) -> str:
+    text = messages[-1]["content"]
+    if "[The Start of Assistant's Answer]" in text:  # FastChat's single-v1 prompt
+        return text.split("[The Start of Assistant's Answer]\n", 1)[1].split("\n[The End of Assistant's Answer]")[0]
+    return text.split("[Answer]\n", 1)[1]
+
+
+def _grade(text: str) -> int:
+    return len(text) % 9 + 1
+
+
+def test_preference_pairs_graded_by_a_judge(server, tmp_path):
+    with scripted_server(lambda m: f"Fair answer. Rating: [[{_grade(_answer_in(m))}]]") as judge:
+        cfg = collect.CONFIG(source=str(SAMPLE), quota={"en": 3, "ru": 3}, teacher=f"openai:tiny@{server.url}",
+                             max_tokens=12, filters=["empty"], preference={"k": 3, "judge": f"openai:j@{judge}"})
+        art = collect.run(cfg, RunContext(stage="c", kind="collect", stage_dir=tmp_path / "p", quiet=True))
+    rows = _rows(art.dir)
+    assert rows and art.metrics["kept"] == len(rows)
+    for r in rows:
+        assert r["chosen_score"] == _grade(r["chosen"][0]["content"]) > r["rejected_score"]
+        assert r["rejected_score"] == _grade(r["rejected"][0]["content"])
+        assert "Rating: [[" in r["reasons"][0] and r["prompt"][-1]["role"] == "user"
+
+
+def test_preference_pairs_teacher_over_student_and_llm_refusal_check(server, tmp_path):
+    teacher = f"openai:tiny@{server.url}"
+    with scripted_server(lambda m: "A student's attempt.") as student:
+        cfg = collect.CONFIG(source=str(SAMPLE), quota={"zh": 4}, teacher=teacher, max_tokens=12, filters=["empty"],
+                             preference={"k": 1, "judge": None, "student": f"openai:s@{student}"})
+        rows = _rows(collect.run(cfg, RunContext(stage="c", kind="collect", stage_dir=tmp_path / "s", quiet=True)).dir)
+    assert len(rows) == 4 and all(r["rejected"][0]["content"] == "A student's attempt." for r in rows)
+    assert all(r["chosen_model"] == teacher and r["chosen_score"] is None for r in rows)
+
+    with scripted_server(lambda m: "YES" if len(_answer_in(m)) % 2 == 0 else "NO") as classifier:
+        cfg = collect.CONFIG(source=str(SAMPLE), quota={"en": 6}, teacher=teacher, max_tokens=12, filters=["empty"],
+                             n=2, temperature=0.9, refusal_judge=f"openai:c@{classifier}")
+        art = collect.run(cfg, RunContext(stage="c", kind="collect", stage_dir=tmp_path / "r", quiet=True))
+    kept = [r["messages"][-1]["content"] for r in _rows(art.dir)]
+    assert kept and all(len(t) % 2 == 1 for t in kept)
+    dropped = art.metrics["by_language"]["en"].get("dropped:refusal_llm", 0)
+    assert dropped > 0 and dropped + len(kept) == 12

@@ -6,8 +6,10 @@
 or as the `collect` stage of a pipeline. Every teacher response is appended to `journal.jsonl`
 (written at once, fsync'd every second) before anything else happens to it, rejected ones too with
 their reason; a crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing,
-so nothing paid for is lost and the dataset equals an uninterrupted run's. In preference mode each prompt gets k candidate answers
-that a judge grades (FastChat's single-answer prompt); the best and worst become chosen/rejected.
+so nothing paid for is lost and the dataset equals an uninterrupted run's. In preference mode each
+prompt gets k candidates from the teacher (and from a student, when one is named); a judge grades
+each with FastChat's single-answer prompt and the best and worst become chosen/rejected, or, with no
+judge, the teacher's answer is chosen over the student's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fabrika.artifacts import Artifact, Journal, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
@@ -35,9 +37,19 @@ JOURNAL = "journal.jsonl"
 
 
 class PreferenceParams(Config):
-    k: int = Field(4, ge=2, le=16, description="Candidate answers per prompt.")
+    k: int = Field(4, ge=1, le=16, description="Candidate answers per prompt from the teacher.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature of the candidates.")
-    judge: str = Field("judge", description="Judge model reference that grades the candidates.")
+    student: str | None = Field(None, description="Also ask this model (the one being trained) for k candidates.")
+    judge: str | None = Field("judge", description="Judge model that grades every candidate 1-10; without one, "
+                              "the teacher's answer is chosen over the student's (self-play, as in SPIN).")
+
+    @model_validator(mode="after")
+    def _pairs_possible(self):
+        if self.judge is None and self.student is None:
+            raise ValueError("without a judge, a student is needed: pairs are then teacher (chosen) vs student")
+        if self.judge is not None and self.k < 2 and self.student is None:
+            raise ValueError("a judge needs at least two candidates: k >= 2, or a student")
+        return self
 
 
 class CollectConfig(Config):
@@ -58,6 +70,7 @@ class CollectConfig(Config):
     n: int = Field(1, ge=1, le=8, description="Answers per prompt.")
     filters: list[str] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
     refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes.")
+    refusal_judge: str | None = Field(None, description="Also ask this model whether each kept answer is a refusal.")
     client: dict[str, Any] = Field(default_factory=dict, description="Client settings (concurrency, limits, ...).")
     preference: PreferenceParams | None = Field(None, description="Preference mode: chosen/rejected pairs.")
     push_to_hub: str | None = Field(None, description="Also push the dataset to this Hub repo (private).")
@@ -85,7 +98,9 @@ CONFIG = CollectConfig
 
 
 def inputs(cfg: CollectConfig) -> list[str]:
-    return [cfg.source, cfg.teacher] + ([cfg.preference.judge] if cfg.preference else [])
+    pref = cfg.preference
+    models = [cfg.teacher, cfg.refusal_judge] + ([pref.student, pref.judge] if pref else [])
+    return [cfg.source] + [m for m in models if m]
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -178,134 +193,203 @@ def ask(ref: str, convs: list[list[dict]], params: GenerationParams, client: dic
                 on_result(start + j, res)
 
 
-def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
-    out = ctx.stage_dir
-    source = ctx.resolve(cfg.source)
-    teacher = ctx.resolve_model(cfg.teacher)
-    say = (lambda m: None) if ctx.quiet else print
-    prompts, stats = sample_prompts(cfg, source, say)
-    journal = out / JOURNAL
-    done = {(r["id"], r.get("kind", "answer")) for r in read_jsonl(journal)}
+def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts: list[dict], n: int,
+            temperature: float, client: dict[str, Any]) -> None:
+    """Ask `model` for the prompts that have no `kind` row in the journal yet; journal each response
+    (with its filter verdicts) the moment it arrives."""
+    ref = ctx.resolve_model(model)
+    journal = ctx.stage_dir / JOURNAL
+    done = _journal(ctx)[kind]
+    todo = [p for p in prompts if p["id"] not in done]
+    if not todo:
+        return
+    if not ctx.quiet:
+        print(f"collect: {len(todo)} prompts to send to {ref} ({len(prompts) - len(todo)} already answered)")
     codes = tuple(sorted(cfg.quota)) if cfg.quota else tuple(sorted({p["language"] for p in prompts if p["language"]}))
-    client = {"cache_dir": str(out / "cache"), **cfg.client}
-    extra = tuple(cfg.refusal_patterns)
+    params = GenerationParams(temperature=temperature, max_new_tokens=cfg.max_tokens, n=n, seed=cfg.seed)
+    journaled = [0]
+    failed: list[str] = []
+    kill_after = int(os.environ.get("FABRIKA_FAULT_KILL_AFTER_ROWS", "0"))
+
+    def keep(i: int, result) -> None:
+        p = todo[i]
+        if isinstance(result, Exception):
+            failed.append(f"{p['id']}: {result}")  # not journaled: a rerun asks again
+            return
+        rows = []
+        for j, c in enumerate(result):
+            reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, tuple(cfg.refusal_patterns))
+            rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
+                         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                         "cost": c.cost, "index": j})
+        log.append({"id": p["id"], "kind": kind, "language": p["language"], "teacher": model, "answers": rows,
+                    "time": time.time()})
+        journaled[0] += 1
+        if kill_after and journaled[0] >= kill_after:  # test hook: die like kill -9 in the middle
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        with Journal(journal) as log:
+            ask(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+    except FabrikaError as e:
+        raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
+                           "run the same command again to continue") from None
+    if failed:
+        raise FabrikaError(f"collect: {len(failed)} of {len(todo)} requests to {ref} failed (first: "
+                           f"{failed[0]}); {journaled[0]} answers are safe in {journal}; run the same "
+                           "command again to ask only for the missing ones")
+
+
+def _journal(ctx: RunContext) -> dict[str, dict[str, dict]]:
+    """The journal read once: {kind: {prompt id: row}}."""
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in read_jsonl(ctx.stage_dir / JOURNAL):
+        out[r.get("kind", "answer")][r["id"]] = r
+    return out
+
+
+def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
+    source = ctx.resolve(cfg.source)
+    prompts, stats = sample_prompts(cfg, source, (lambda m: None) if ctx.quiet else print)
+    client = {"cache_dir": str(ctx.stage_dir / "cache"), **cfg.client}
     pref = cfg.preference
-
-    todo = [p for p in prompts if (p["id"], "answer") not in done]
-    if todo:
-        say(f"collect: {len(todo)} prompts to send to {teacher} ({len(prompts) - len(todo)} already answered)")
-        n = pref.k if pref else cfg.n
-        params = GenerationParams(temperature=pref.temperature if pref else cfg.temperature,
-                                  max_new_tokens=cfg.max_tokens, n=n, seed=cfg.seed)
-
-        journaled = [0]
-        failed: list[str] = []
-        kill_after = int(os.environ.get("FABRIKA_FAULT_KILL_AFTER_ROWS", "0"))
-
-        def keep(i: int, result) -> None:
-            p = todo[i]
-            if isinstance(result, Exception):
-                failed.append(f"{p['id']}: {result}")  # not journaled: a rerun asks again
-                return
-            rows = []
-            for j, c in enumerate(result):
-                reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, extra)
-                rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
-                             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                             "cost": c.cost, "index": j})
-            log.append({"id": p["id"], "kind": "answer", "language": p["language"], "teacher": cfg.teacher,
-                        "answers": rows, "time": time.time()})
-            journaled[0] += 1
-            if kill_after and journaled[0] >= kill_after:  # test hook: die like kill -9 in the middle
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        try:
-            with Journal(journal) as log:
-                ask(teacher, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
-        except FabrikaError as e:
-            raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
-                               "run the same command again to continue") from None
-        if failed:
-            raise FabrikaError(f"collect: {len(failed)} of {len(todo)} requests to {teacher} failed (first: "
-                               f"{failed[0]}); {journaled[0]} answers are safe in {journal}; run the same "
-                               "command again to ask only for the missing ones")
-
-    answers = {r["id"]: r for r in read_jsonl(journal) if r.get("kind", "answer") == "answer"}
     if pref:
-        _grade_candidates(cfg, ctx, prompts, answers, journal, client)
-    return _write_dataset(cfg, ctx, prompts, answers, stats)
+        _answer(cfg, ctx, "answer", cfg.teacher, prompts, pref.k, pref.temperature, client)
+        if pref.student:
+            _answer(cfg, ctx, "student", pref.student, prompts, pref.k, pref.temperature, client)
+        if pref.judge:
+            _grade_candidates(cfg, ctx, prompts, client)
+    else:
+        _answer(cfg, ctx, "answer", cfg.teacher, prompts, cfg.n, cfg.temperature, client)
+        if cfg.refusal_judge:
+            _classify_refusals(cfg, ctx, prompts, client)
+    return _write_dataset(cfg, ctx, prompts, stats)
 
 
-def _grade_candidates(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], answers: dict, journal: Path,
-                      client: dict[str, Any]) -> None:
-    from fabrika.evaluate import judge as J
+def candidates(journal: dict[str, dict[str, dict]], pid: str) -> list[dict]:
+    """Every answer a prompt got that passed the filters, teacher's first, each with its origin."""
+    out = []
+    for kind in ("answer", "student"):
+        row = journal[kind].get(pid)
+        for c in (row["answers"] if row else []):
+            if c["drop"] is None:
+                out.append({**c, "origin": kind, "key": f"{kind}:{c['index']}", "model": row["teacher"]})
+    return out
 
-    graded = {r["id"] for r in read_jsonl(journal) if r.get("kind") == "grades"}
-    single = J.load_prompts("fastchat")["single-v1"]
-    jobs = []
-    for p in prompts:
-        a = answers.get(p["id"])
-        if a is None or p["id"] in graded:
-            continue
-        cands = [c for c in a["answers"] if c["drop"] is None]
-        if len(cands) < 2:
-            continue
-        for c in cands:
-            user = single["prompt_template"].format(question=p["messages"][-1]["content"], answer=c["text"])
-            jobs.append((p["id"], c["index"], [{"role": "system", "content": single["system_prompt"]},
-                                               {"role": "user", "content": user}]))
-    grades: dict[str, list] = defaultdict(list)
+
+REFUSAL_QUESTION = ("Below is a user's request and an assistant's answer. Does the assistant refuse, deflect or "
+                    "decline to do what was asked (for example, saying it cannot or will not help)? Reply with "
+                    "exactly one word: YES or NO.\n\n[Request]\n{question}\n\n[Answer]\n{answer}")
+
+
+def _ask_per_answer(cfg: CollectConfig, ctx: RunContext, kind: str, ref: str, jobs: list[tuple[str, str, list]],
+                    client: dict[str, Any], parse) -> None:
+    """Send one judge request per (prompt id, answer key, messages) job; journal a prompt's verdicts
+    once all of its answers are in, so a rerun asks again only for prompts left incomplete."""
+    verdicts: dict[str, list] = defaultdict(list)
     expected = Counter(pid for pid, _, _ in jobs)
 
     def keep(i: int, result) -> None:
-        pid, idx, _ = jobs[i]
+        pid, key, _ = jobs[i]
         text = "" if isinstance(result, Exception) else result[0].text
-        grades[pid].append({"index": idx, "score": J.parse_rating(text), "judgment": text})
-        if len(grades[pid]) == expected[pid]:
-            log.append({"id": pid, "kind": "grades", "grades": sorted(grades[pid], key=lambda g: g["index"])})
+        verdicts[pid].append({"key": key, "value": parse(text), "judgment": text})
+        if len(verdicts[pid]) == expected[pid]:
+            log.append({"id": pid, "kind": kind, "verdicts": sorted(verdicts[pid], key=lambda g: g["key"])})
 
     if jobs:
-        with Journal(journal) as log:
-            ask(ctx.resolve_model(cfg.preference.judge), [j[2] for j in jobs],
-                GenerationParams(temperature=0.0, max_new_tokens=1024), client, ctx.quiet, keep)
+        with Journal(ctx.stage_dir / JOURNAL) as log:
+            ask(ctx.resolve_model(ref), [j[2] for j in jobs], GenerationParams(temperature=0.0, max_new_tokens=1024),
+                client, ctx.quiet, keep)
 
 
-def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], answers: dict,
-                   stats: dict[str, Any]) -> Artifact:
+def _classify_refusals(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], client: dict[str, Any]) -> None:
+    journal = _journal(ctx)
+    jobs = []
+    for p in prompts:
+        if p["id"] in journal["refusal_check"]:
+            continue
+        for c in candidates(journal, p["id"]):
+            user = REFUSAL_QUESTION.format(question=p["messages"][-1]["content"], answer=c["text"])
+            jobs.append((p["id"], c["key"], [{"role": "user", "content": user}]))
+    _ask_per_answer(cfg, ctx, "refusal_check", cfg.refusal_judge, jobs, client,
+                    lambda text: text.strip().upper().startswith("YES"))
+
+
+def _grade_candidates(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], client: dict[str, Any]) -> None:
+    """FastChat's single-answer grading (1-10) of every candidate by the judge."""
+    from fabrika.evaluate import judge as J
+
+    journal = _journal(ctx)
+    single = J.load_prompts("fastchat")["single-v1"]
+    jobs = []
+    for p in prompts:
+        cands = candidates(journal, p["id"])
+        if p["id"] in journal["grades"] or len(cands) < 2:
+            continue
+        for c in cands:
+            user = single["prompt_template"].format(question=p["messages"][-1]["content"], answer=c["text"])
+            jobs.append((p["id"], c["key"], [{"role": "system", "content": single["system_prompt"]},
+                                             {"role": "user", "content": user}]))
+    _ask_per_answer(cfg, ctx, "grades", cfg.preference.judge, jobs, client, J.parse_rating)
+
+
+def _preference_row(cfg: CollectConfig, p: dict, journal: dict, t: Counter) -> dict | None:
+    cands = candidates(journal, p["id"])
+    if cfg.preference.judge:
+        score = {v["key"]: v for v in journal["grades"].get(p["id"], {}).get("verdicts", []) if v["value"] != -1}
+        ranked = sorted((c for c in cands if c["key"] in score), key=lambda c: -score[c["key"]]["value"])
+        if len(ranked) < 2 or score[ranked[0]["key"]]["value"] == score[ranked[-1]["key"]]["value"]:
+            t["dropped:no_preference"] += 1
+            return None
+        best, worst = ranked[0], ranked[-1]
+        scores = [score[best["key"]]["value"], score[worst["key"]]["value"]]
+        reasons = [score[best["key"]]["judgment"], score[worst["key"]]["judgment"]]
+    else:  # self-play: the teacher's answer is preferred to the student's
+        best = next((c for c in cands if c["origin"] == "answer"), None)
+        worst = next((c for c in cands if c["origin"] == "student"), None)
+        if best is None or worst is None or F.normalized(best["text"]) == F.normalized(worst["text"]):
+            t["dropped:no_preference"] += 1
+            return None
+        scores, reasons = [None, None], ["teacher's answer", "student's answer"]
+    return {"prompt": p["messages"], "chosen": [{"role": "assistant", "content": best["text"]}],
+            "rejected": [{"role": "assistant", "content": worst["text"]}], "chosen_score": scores[0],
+            "rejected_score": scores[1], "reasons": reasons, "chosen_model": best["model"],
+            "rejected_model": worst["model"], "language": p["language"] or "?", "id": p["id"], "source": cfg.source,
+            "teacher": cfg.teacher}
+
+
+def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], stats: dict[str, Any]) -> Artifact:
     import datasets
 
     out = ctx.stage_dir
+    journal = _journal(ctx)
     table: dict[str, Counter] = defaultdict(Counter)
     rows = []
-    grades = {r["id"]: r["grades"] for r in read_jsonl(out / JOURNAL) if r.get("kind") == "grades"}
     seen_answers: set[str] = set()
     for p in prompts:
         lang = p["language"] or "?"
         t = table[lang]
         t["sampled"] += 1
-        a = answers.get(p["id"])
+        a = journal["answer"].get(p["id"])
         if a is None:
             t["unanswered"] += 1
             continue
         t["answered"] += 1
-        for c in a["answers"]:
-            t["tokens"] += c["prompt_tokens"] + c["completion_tokens"]
-            t["cost_usd"] += c["cost"]
+        for kind in ("answer", "student"):
+            for c in journal[kind].get(p["id"], {}).get("answers", []):
+                t["tokens"] += c["prompt_tokens"] + c["completion_tokens"]
+                t["cost_usd"] += c["cost"]
+                if c["drop"]:
+                    t[f"dropped:{c['drop']}"] += 1
         if cfg.preference:
-            g = sorted((x for x in grades.get(p["id"], []) if x["score"] != -1), key=lambda x: -x["score"])
-            if len(g) < 2 or g[0]["score"] == g[-1]["score"]:
-                t["dropped:no_preference"] += 1
-                continue
-            by_idx = {c["index"]: c for c in a["answers"]}
-            rows.append({"prompt": p["messages"], "chosen": [{"role": "assistant", "content": by_idx[g[0]["index"]]["text"]}],
-                         "rejected": [{"role": "assistant", "content": by_idx[g[-1]["index"]]["text"]}],
-                         "chosen_score": g[0]["score"], "rejected_score": g[-1]["score"],
-                         "reasons": [g[0]["judgment"], g[-1]["judgment"]], "language": lang, "id": p["id"],
-                         "source": cfg.source, "teacher": a["teacher"]})
-            t["kept"] += 1
+            row = _preference_row(cfg, p, journal, t)
+            if row:
+                rows.append(row)
+                t["kept"] += 1
             continue
-        for c in a["answers"]:
-            reason = c["drop"]
+        flagged = {v["key"] for v in journal["refusal_check"].get(p["id"], {}).get("verdicts", []) if v["value"]}
+        for c in candidates(journal, p["id"]):
+            reason = "refusal_llm" if c["key"] in flagged else None
             if reason is None and "duplicate" in cfg.filters:
                 key = F.normalized(c["text"])
                 reason = "duplicate" if key in seen_answers else None
