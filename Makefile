@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fabrika run examples/tiny-cpu.yaml
 
-test: $(STAMP)
+# The report test renders the run report in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null || { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q
 
 clean:

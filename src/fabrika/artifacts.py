@@ -27,6 +27,10 @@ MANIFEST = "manifest.json"
 
 # --- crash-safe writes -------------------------------------------------------------------------
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
     path = Path(path)
@@ -37,6 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -229,6 +234,7 @@ class RunContext:
     fingerprint: str = ""
     started: float = field(default_factory=time.time)
     quiet: bool = False
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # upstream stages' dry-run estimates
 
     def __post_init__(self) -> None:
         self.stage_dir = Path(self.stage_dir)
@@ -251,6 +257,14 @@ class RunContext:
 
     def resolve_model(self, ref: str) -> str:
         return self.models.get(ref, ref)
+
+    def generator_ref(self, ref: str) -> str:
+        """A named model, a stage or a stage directory as a generator reference (hf:, gguf:, openai:)."""
+        ref = self.resolve_model(ref)
+        art = self.input_artifact(ref)
+        if art is not None:
+            return f"gguf:{art.path}" if str(art.path).endswith(".gguf") else f"hf:{art.path}"
+        return ref
 
     def finish(self, path: str | Path, config: Any, metrics: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> Artifact:

@@ -19,6 +19,8 @@ from fabrika.errors import FabrikaError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fabrika: an LLM factory. Distil, pretrain, fine-tune, evaluate and export from one config.")
 console = Console()
+if not console.is_terminal and console.width < 120:  # logs and CI: tables of numbers need room
+    console = Console(width=120)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
 SetOpt = typer.Option(None, "--set", help="Override a setting: --set train.lr=1e-4 (repeatable).")
@@ -81,6 +83,15 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name
     from fabrika.pipeline import status_table
 
     console.print(status_table(run_dir))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
+    """Write the run's report: report.html (self-contained, with plots) and report.md."""
+    from fabrika.report import build
+
+    page, summary = build(run_dir)
+    console.print(f"report: {page}\nsummary: {summary}")
 
 
 @app.command()

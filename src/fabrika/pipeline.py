@@ -238,8 +238,23 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        _write_report(pipe.run_dir, console)
     console.print(f"pipeline {pipe.cfg.name}: finished in {time.time() - t0:.1f}s")
     return results
+
+
+def _write_report(run_dir: Path, console: Console) -> None:
+    """The report is written after every run, finished or not; a report that cannot be made is worth
+    a warning, never the run's failure."""
+    from fabrika import report
+
+    try:
+        page, _ = report.build(run_dir)
+    except Exception as e:  # noqa: BLE001
+        console.print(f"[yellow]report not written: {e}[/]")
+        log.warning("report not written: %s", e)
+        return
+    console.print(f"report: {page}")
 
 
 def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console) -> Artifact:
@@ -283,8 +298,10 @@ def _attach_run_log(run_dir: Path) -> logging.Handler:
 def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Console) -> None:
     """What a run would do, validated but without running: stage, state, inputs and estimates."""
     table = Table(title=f"pipeline {pipe.cfg.name} (dry run) → {pipe.run_dir}")
-    for col in ("stage", "kind", "inputs", "action", "estimate"):
+    for col in ("stage", "kind", "inputs", "action"):
         table.add_column(col)
+    table.add_column("estimate", overflow="fold", ratio=1)
+    estimates: dict[str, dict[str, Any]] = {}
     for stage in pipe.stages:
         state = stage_state(pipe, stage)
         if stage.name not in selected:
@@ -298,13 +315,15 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
         estimate = ""
         if action in ("run", "resume") and hasattr(stage.module, "estimate"):
             ctx = RunContext(stage=stage.name, kind=stage.kind, stage_dir=pipe.stage_dir(stage.name),
-                             seed=pipe.cfg.seed, models=pipe.cfg.models, quiet=True)
-            estimate = _format_estimate(stage.module.estimate(stage.cfg, ctx))
+                             seed=pipe.cfg.seed, models=pipe.cfg.models, quiet=True, estimates=estimates)
+            estimates[stage.name] = stage.module.estimate(stage.cfg, ctx)
+            estimate = _format_estimate({k: v for k, v in estimates[stage.name].items() if not k.startswith("_")},
+                                        sep="\n")
         table.add_row(stage.name, stage.kind, ", ".join(stage.refs), action, estimate)
     console.print(table)
 
 
-def _format_estimate(est: dict[str, Any]) -> str:
+def _format_estimate(est: dict[str, Any], sep: str = ", ") -> str:
     parts = []
     for k, v in est.items():
         if isinstance(v, float):
@@ -312,10 +331,10 @@ def _format_estimate(est: dict[str, Any]) -> str:
         elif isinstance(v, int) and v >= 10_000:
             v = f"{v:,}"
         parts.append(f"{k}={v}")
-    return ", ".join(parts)
+    return sep.join(parts)
 
 
-KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "mfu", "kept", "cost_usd", "mt_bench",
+KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "mfu", "kept", "cost_usd", "mt_bench", "ppl",
                "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
 
 

@@ -31,7 +31,8 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, check_conversation, detect_format, to_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, load_generator, parse_ref
+from fabrika.infer.backends import GenerationParams
+from fabrika.infer.serve import ask_model
 
 JOURNAL = "journal.jsonl"
 
@@ -177,27 +178,11 @@ def _conv(cfg: CollectConfig, messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + messages
 
 
-def ask(ref: str, convs: list[list[dict]], params: GenerationParams, client: dict[str, Any], quiet: bool, on_result):
-    """Answers through the client for API teachers (cached, retried), or a local generator."""
-    kind, target = parse_ref(ref)
-    if kind == "openai":
-        from fabrika.infer.client import ClientConfig, run_requests
-
-        model, _, url = target.partition("@")
-        run_requests(ClientConfig(**({"base_url": url} if url else {}), **client), model, convs, params,
-                     quiet=quiet, on_result=on_result)
-    else:
-        gen = load_generator(ref)
-        for start in range(0, len(convs), 16):
-            for j, res in enumerate(gen.generate(convs[start:start + 16], params)):
-                on_result(start + j, res)
-
-
 def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts: list[dict], n: int,
             temperature: float, client: dict[str, Any]) -> None:
     """Ask `model` for the prompts that have no `kind` row in the journal yet; journal each response
     (with its filter verdicts) the moment it arrives."""
-    ref = ctx.resolve_model(model)
+    ref = ctx.generator_ref(model)
     journal = ctx.stage_dir / JOURNAL
     done = _journal(ctx)[kind]
     todo = [p for p in prompts if p["id"] not in done]
@@ -230,7 +215,7 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
 
     try:
         with Journal(journal) as log:
-            ask(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+            ask_model(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
     except FabrikaError as e:
         raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
                            "run the same command again to continue") from None
@@ -298,7 +283,7 @@ def _ask_per_answer(cfg: CollectConfig, ctx: RunContext, kind: str, ref: str, jo
 
     if jobs:
         with Journal(ctx.stage_dir / JOURNAL) as log:
-            ask(ctx.resolve_model(ref), [j[2] for j in jobs], GenerationParams(temperature=0.0, max_new_tokens=1024),
+            ask_model(ctx.generator_ref(ref), [j[2] for j in jobs], GenerationParams(temperature=0.0, max_new_tokens=1024),
                 client, ctx.quiet, keep)
 
 
@@ -461,7 +446,7 @@ def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
     model = ctx.resolve_model(cfg.teacher).removeprefix("openai:").split("@")[0]
     p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
     k = cfg.preference.k if cfg.preference else cfg.n
-    out: dict[str, Any] = {"api_calls": n if n else "all rows"}
+    out: dict[str, Any] = {"api_calls": n if n else "all rows", "_rows": (n or 0) * (1 if cfg.preference else cfg.n)}
     if n:  # ~200 prompt tokens, ~600 answer tokens per call on chat data like Tagengo
         out["est_cost_usd"] = round(n * (200 * p_in + 600 * k * p_out) / 1e6, 2)
     return out

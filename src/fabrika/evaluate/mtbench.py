@@ -20,7 +20,8 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
-from fabrika.infer.backends import GenerationParams, Generator, parse_ref
+from fabrika.infer.backends import GenerationParams, Generator
+from fabrika.infer.serve import ask_model
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
 
@@ -126,15 +127,14 @@ def judge_matches(questions: list[dict], answers: list[dict], refs: dict[int, di
 
 
 def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, client_options: dict[str, Any],
-                retries: int = 1, quiet: bool = True) -> None:
+                retries: int = 1, quiet: bool = True, max_tokens: int = 2048) -> None:
     """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives."""
     if not matches:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    kind, target = parse_ref(judge_ref)
     pending = matches
     for attempt in range(retries + 1):
-        params = GenerationParams(temperature=0.0, max_new_tokens=2048, seed=attempt or None)
+        params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens, seed=attempt or None)
         texts: dict[int, str] = {}
 
         def keep(i: int, result) -> None:
@@ -149,18 +149,7 @@ def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, c
                                     "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
                                     "judgment": texts[i], "score": score, "turn": m["turn"], "tstamp": time.time()}])
 
-        convs = [m["messages"] for m in pending]
-        if kind == "openai":
-            from fabrika.infer.client import ClientConfig, run_requests
-
-            model, _, url = target.partition("@")
-            cfg = ClientConfig(**({"base_url": url} if url else {}), **client_options)
-            run_requests(cfg, model, convs, params, quiet=quiet, on_result=keep)
-        else:
-            from fabrika.infer.backends import load_generator
-
-            for i, res in enumerate(load_generator(judge_ref).generate(convs, params)):
-                keep(i, res)
+        ask_model(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep)
         pending = [m for i, m in enumerate(pending) if J.parse_rating(texts[i]) == -1]
         if not pending:
             break

@@ -32,6 +32,7 @@ class MTBenchParams(Config):
     max_new_tokens: int = Field(1024, ge=1, description="Answer length, FastChat's default.")
     answers: str | None = Field(None, description="Judge this existing answer file instead of generating.")
     judge_retries: int = Field(1, ge=0, description="Extra tries for judgments without a [[rating]].")
+    judge_max_tokens: int = Field(2048, ge=1, description="Longest judgment (FastChat: 2048).")
     client: dict[str, Any] = Field(default_factory=dict, description="Judge client settings (concurrency, ...).")
 
     @field_validator("bench", mode="before")
@@ -87,17 +88,7 @@ def inputs(cfg: EvaluateConfig) -> list[str]:
 def model_ref(cfg: EvaluateConfig, ctx: RunContext) -> str:
     if not cfg.model:
         raise FabrikaError("evaluate.model: which model? (a stage name, hf:DIR, gguf:FILE or openai:MODEL@URL)")
-    ref = ctx.resolve_model(cfg.model)
-    art = ctx.input_artifact(ref)
-    if art is not None:
-        return f"gguf:{art.path}" if str(art.path).endswith(".gguf") else f"hf:{art.path}"
-    return ref
-
-
-def judge_ref(cfg: MTBenchParams, ctx: RunContext) -> str:
-    ref = ctx.resolve_model(cfg.judge)
-    art = ctx.input_artifact(ref)
-    return f"hf:{art.path}" if art is not None else ref
+    return ctx.generator_ref(cfg.model)
 
 
 def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
@@ -118,7 +109,7 @@ def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
 def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[str, Any]:
     p = cfg.mtbench
     assert p is not None
-    jref = judge_ref(p, ctx)
+    jref = ctx.generator_ref(p.judge)
     judge_name = jref.split(":", 1)[-1].split("@")[0].replace("/", "_")
     gen = None
     results: dict[str, Any] = {}
@@ -145,7 +136,8 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
         if not ctx.quiet:
             print(f"{name}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']})")
         options = {"cache_dir": str(ctx.stage_dir / "judge_cache"), **p.client}
-        M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet)
+        M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet,
+                      max_tokens=p.judge_max_tokens)
         rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
         cats = {q["question_id"]: q.get("category", "") for q in questions}
         summary = summarise(rows, cats).get(model_id, {})

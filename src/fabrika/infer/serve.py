@@ -18,12 +18,12 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, load_generator
+from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, load_generator, parse_ref
 
 
 class ChatMessage(BaseModel):
@@ -253,3 +253,21 @@ def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, nam
         await server.shutdown()
 
     asyncio.run(main())
+
+
+def ask_model(ref: str, convs: list[list[dict]], params: GenerationParams, client: dict[str, Any], quiet: bool,
+              on_result: Callable[[int, Any], None]) -> None:
+    """Many requests to one model through the client: cached, retried, concurrent. A local model (hf:,
+    gguf:) is served on loopback for the duration, so it gets the same cache, journal and batching as
+    an API model. `on_result(i, completions or the failure)` is called as each answer arrives."""
+    from fabrika.infer.client import ClientConfig, run_requests
+
+    kind, target = parse_ref(ref)
+    if kind == "openai":
+        model, _, url = target.partition("@")
+        run_requests(ClientConfig(**({"base_url": url} if url else {}), **client), model, convs, params,
+                     quiet=quiet, on_result=on_result)
+        return
+    with serve_in_background(ref, name=target) as server:  # the name keys the cache: one per model
+        options = {"concurrency": 8, "timeout_s": 3600.0, **client, "base_url": server.url}
+        run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result)

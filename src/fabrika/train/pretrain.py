@@ -145,6 +145,7 @@ def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
         out["train_tokens"] = p.max_steps * tokens_per_step
     if fpt and "train_tokens" in out:
         out["train_flops"] = float(fpt * out["train_tokens"])
+        out["h100_hours"] = round(setup.gpu_hours(out["train_flops"]), 2)
     return out
 
 

@@ -108,6 +108,20 @@ def peak_flops(params: TrainParams) -> float | None:
     return None
 
 
+def gpu_hours(flops: float, gpu: str = "H100", mfu: float = 0.4) -> float:
+    """Wall-clock GPU hours for `flops` at a model FLOPs utilisation typical of tuned bf16 training."""
+    return flops / (PEAK_TFLOPS[gpu] * 1e12 * mfu) / 3600
+
+
+def params_from_name(model: str) -> float | None:
+    """Parameters of a Hub model guessed from its name (Meta-Llama-3-8B -> 8e9) when its config is not
+    at hand (dry runs offline); None when the name says nothing."""
+    import re
+
+    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model)
+    return float(m.group(1)) * 1e9 if m else None
+
+
 def flops_per_token(config: Any, seq_len: int) -> float:
     """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
     scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits."""

@@ -230,10 +230,29 @@ def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) 
 
 # --- the stage --------------------------------------------------------------------------------
 
+TOKENS_PER_EXAMPLE = 800  # a distilled chat example (Tagengo-like: ~200 prompt + ~600 answer tokens)
+
+
 def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
+    """Training tokens and H100 hours before anything is downloaded: rows from an upstream collect
+    stage's plan, parameters from the model's name when its config is not local."""
     p = cfg.train
-    return {"method": cfg.method, "epochs": p.epochs, "seq": cfg.max_length,
-            "tokens_per_step": p.batch_size * p.grad_accum * setup.world_size() * cfg.max_length}
+    out: dict[str, Any] = {"method": cfg.method, "epochs": p.epochs,
+                           "tokens_per_step": p.batch_size * p.grad_accum * setup.world_size() * cfg.max_length}
+    sources = [cfg.data] if isinstance(cfg.data, str) else [d.path for d in cfg.data]
+    rows = sum(ctx.estimates.get(src, {}).get("_rows", 0) for src in sources)
+    if p.max_steps:
+        tokens = p.max_steps * out["tokens_per_step"]
+    else:
+        tokens = rows * TOKENS_PER_EXAMPLE * p.epochs if rows else None
+    n = setup.params_from_name(ctx.resolve_model(cfg.model))
+    if tokens:
+        out["train_tokens"] = int(tokens)
+    if tokens and n:
+        per_token = 4 * n if cfg.method != "full" else 6 * n  # adapters: no weight gradients for the base
+        mfu = 0.25 if cfg.method == "qlora" else 0.4  # NF4 weights are dequantised on every matmul
+        out["h100_hours"] = round(setup.gpu_hours(per_token * tokens, mfu=mfu), 2)
+    return out
 
 
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
