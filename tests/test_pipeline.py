@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -121,3 +122,49 @@ def test_bad_pipelines(tmp_path, small_corpus):
     check(lambda s: s["stages"].update(tok={"kind": "prepare", "tokenizer": "prepare", "paths": ["x"]}), "cycle")
     r = run_cli("run", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def _file_size_limit(limit: int):
+    """A child process whose files cannot grow past `limit` bytes: writes fail as on a full disk."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_disk_full_leaves_no_complete_looking_artifact(tmp_path, small_corpus):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    path = write_pipeline(tmp_path, small_corpus)
+    r = subprocess.run([sys.executable, "-m", "fabrika.cli", "run", str(path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, preexec_fn=_file_size_limit(1_000_000))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no room on disk" in r.stderr and "Traceback" not in r.stderr
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "pretrain" / "manifest.json").exists()  # the model did not fit: not done
+    pipe = load_pipeline(path)
+    assert [stage_state(pipe, s) for s in pipe.stages] == ["done", "done", "failed"]
+    r = run_cli("run", str(path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("cached") == 2 and all(stage_state(pipe, s) == "done" for s in pipe.stages)
+
+
+def test_json_logs_and_one_run_log(tmp_path, small_corpus):
+    path = write_pipeline(tmp_path, small_corpus)
+    r = run_cli("run", str(path), "--json-logs")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]  # nothing but JSON
+    done = [e["stage"] for e in events if e.get("event") == "stage_done"]
+    assert done == ["tok", "prepare", "pretrain"] and events[-1]["event"] == "pipeline_done"
+    assert "train_loss" in events[[e.get("stage") for e in events].index("pretrain") + 1]["metrics"]
+
+    r = run_cli("run", str(path), "--force", "pretrain")  # not quiet: stage output is copied to run.log
+    log = (tmp_path / "runs" / "t" / "run.log").read_text()
+    assert "[pretrain]" in log and "pretrain: done" in log and "prepare: cached" in log

@@ -6,6 +6,8 @@ are imported only when their command runs, so `fabrika --help` stays instant.
 
 from __future__ import annotations
 
+import errno
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -67,13 +69,20 @@ def run(
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage even if cached (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without running."),
     quiet: bool = QuietOpt,
+    json_logs: bool = typer.Option(False, "--json-logs", help="Only JSON events on stdout (CI, clusters); "
+                                   "stage output goes to run.log."),
 ) -> None:
     """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
     from fabrika.pipeline import load_pipeline, run_pipeline, status_table
 
     pipe = load_pipeline(pipeline, set_)
-    run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console)
-    if not dry_run:
+    if json_logs:
+        from fabrika.logs import json_logs_to_stdout
+
+        json_logs_to_stdout()
+    run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console,
+                 json_logs=json_logs)
+    if not dry_run and not json_logs:
         console.print(status_table(pipe.run_dir))
 
 
@@ -275,6 +284,20 @@ def _register_phase_commands() -> None:
     register_infer(app)
 
 
+_DISK_FULL = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:27|28|122)\b")
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """A write that failed for lack of space, also when a library (safetensors, arrow) wraps the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if _DISK_FULL.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main() -> None:
     _register_phase_commands()
 
@@ -283,6 +306,14 @@ def main() -> None:
     except FabrikaError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001
+        if not _disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] no room on disk{where} ({escape(str(e))[:300]}). Nothing half-written counts "
+            "as done: free some space and run the same command again to continue.", highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True, soft_wrap=True).print("[yellow]interrupted[/]: run the same command again to continue where it stopped")
         sys.exit(130)

@@ -33,6 +33,7 @@ from fabrika.artifacts import (MANIFEST, Artifact, RunContext, atomic_write_json
                                read_json, read_manifest)
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError
+from fabrika.logs import event, stage_output
 
 # Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
 STAGES: dict[str, str] = {
@@ -201,8 +202,11 @@ def _select(pipe: Pipeline, only: list[str] | None, start: str | None, force: li
 
 def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | None = None,
                  force: list[str] | None = None, dry_run: bool = False, quiet: bool = False,
-                 console: Console | None = None) -> dict[str, Artifact]:
-    console = console or Console(quiet=quiet)
+                 console: Console | None = None, json_logs: bool = False) -> dict[str, Artifact]:
+    """Run the selected stages in order. With `json_logs` the terminal gets only JSON events (see
+    fabrika.logs) and the stages' own output goes to run.log alone."""
+    quiet = quiet or json_logs
+    console = Console(quiet=True) if json_logs else (console or Console(quiet=quiet))
     selected, forced = _select(pipe, only, start, force)
     if dry_run:
         print_plan(pipe, selected, forced, console)
@@ -226,7 +230,8 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 continue
             if state == "done" and stage.name not in forced:
                 console.print(f"[green]✓[/] {stage.name}: cached (fingerprint {stage.fingerprint})")
-                log.info("%s: cached", stage.name)
+                event(log, f"{stage.name}: cached", event="stage_cached", stage=stage.name,
+                      fingerprint=stage.fingerprint)
                 results[stage.name] = Artifact.load(d)
                 continue
             missing = [dep for dep in stage.deps if stage_state(pipe, pipe.stage(dep)) != "done"]
@@ -234,12 +239,14 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
                                    f"(run without --only, or with --only {' '.join(missing)})")
             results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
-                                            quiet=quiet, console=console)
+                                            quiet=quiet, console=console, json_logs=json_logs)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
         _write_report(pipe.run_dir, console)
     console.print(f"pipeline {pipe.cfg.name}: finished in {time.time() - t0:.1f}s")
+    event(log, f"pipeline {pipe.cfg.name}: finished", event="pipeline_done", pipeline=pipe.cfg.name,
+          seconds=round(time.time() - t0, 3), run_dir=str(pipe.run_dir))
     return results
 
 
@@ -255,9 +262,11 @@ def _write_report(run_dir: Path, console: Console) -> None:
         log.warning("report not written: %s", e)
         return
     console.print(f"report: {page}")
+    event(log, f"report: {page}", event="report", path=str(page))
 
 
-def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console) -> Artifact:
+def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console,
+              json_logs: bool = False) -> Artifact:
     d = pipe.stage_dir(stage.name)
     fp_file = d / FINGERPRINT_FILE
     previous = fp_file.read_text().strip() if fp_file.exists() else None
@@ -271,17 +280,24 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
     fp_file.write_text(stage.fingerprint + "\n")
     verb = "resuming" if resumed else "running"
     console.rule(f"[bold]{stage.name}[/] ({stage.kind}) — {verb}")
-    log.info("%s: %s (%s)", stage.name, verb, stage.kind)
+    event(log, f"{stage.name}: {verb} ({stage.kind})", event="stage_started", stage=stage.name, kind=stage.kind,
+          resumed=resumed)
     ctx = pipe.context(stage, quiet=quiet)
     try:
-        artifact = stage.module.run(stage.cfg, ctx)
+        with stage_output(pipe.run_dir / "run.log", stage.name, mute=json_logs):
+            artifact = stage.module.run(stage.cfg, ctx)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             (d / FAILED_FILE).write_text(f"{type(e).__name__}: {e}\n")
-            log.error("%s failed: %s\n%s", stage.name, e, traceback.format_exc())
+            with open(pipe.run_dir / "run.log", "a", encoding="utf-8") as f:  # for whoever debugs it
+                f.write(traceback.format_exc())
+            event(log, f"{stage.name} failed: {e}", logging.ERROR, event="stage_failed", stage=stage.name,
+                  error=str(e))
         raise
-    console.print(f"[green]✓[/] {stage.name}: done in {time.time() - ctx.started:.1f}s")
-    log.info("%s: done, metrics %s", stage.name, artifact.metrics)
+    took = time.time() - ctx.started
+    console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s")
+    event(log, f"{stage.name}: done in {took:.1f}s, metrics {artifact.metrics}", event="stage_done",
+          stage=stage.name, seconds=round(took, 3), metrics=artifact.metrics)
     return artifact
 
 
