@@ -129,6 +129,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stage_cfg = validate(module.CONFIG, raw, source, prefix=f"stages.{name}")
         refs = [r for r in module.inputs(stage_cfg) if r]
         deps = [r for r in refs if r in cfg.stages]
+        for r in refs:
+            _check_reference(r, name, cfg, source)
         if name in deps:
             raise FabrikaError(f"{source}: stages.{name}: a stage cannot take its own output as input")
         parsed[name] = Stage(name, kind, module, stage_cfg, deps, refs)
@@ -143,6 +145,17 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             "fabrika": __version__,
         })
     return Pipeline(cfg=cfg, source=source, run_dir=run_dir, stages=ordered)
+
+
+def _check_reference(ref: str, stage: str, cfg: PipelineConfig, source: str) -> None:
+    """A bare word that is no stage, no named model and no file, but nearly the name of one, is a typo
+    (Hub ids have a slash, model references a colon): say so before anything runs."""
+    if ref in cfg.stages or ref in cfg.models or any(ch in ref for ch in "/:.*?[") or Path(ref).exists():
+        return
+    guess = difflib.get_close_matches(ref, list(cfg.stages) + list(cfg.models), n=1, cutoff=0.75)
+    if guess:
+        raise FabrikaError(f"{source}: stages.{stage}: {ref!r} is not a stage of this pipeline, a named model or "
+                           f"an existing path; did you mean {guess[0]!r}? (stages: {', '.join(cfg.stages)})")
 
 
 def _external_fingerprint(ref: str) -> Any:

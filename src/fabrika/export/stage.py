@@ -65,7 +65,9 @@ def llama_cpp_types() -> dict[str, int]:
 
 def quantize(src: Path, dst: Path, qtype: str) -> None:
     import llama_cpp
+    from llama_cpp import _logger
 
+    _logger.set_verbose(False)  # llama.cpp's per-tensor chatter; its errors still show
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp_types()[qtype]
     tmp = dst.with_name(f".{dst.name}.tmp")
