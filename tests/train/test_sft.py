@@ -143,3 +143,46 @@ def test_prefer_rejects_data_without_pair_columns(tmp_path, plain_base):
     bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "answer": "a"}])
     with pytest.raises(FabrikaError, match="lacks column.*chosen, rejected"):
         prefer.load_pairs(str(bad), "train")
+
+
+def _losses(out: Path) -> dict[int, float]:
+    from fabrika.artifacts import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
+
+
+def test_killed_sft_resumes_exactly(tmp_path, plain_base):
+    _, path = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="lora", lora={"r": 8, "alpha": 16},
+                      train={"max_steps": 12, "lr": 5e-3, "logging_steps": 1, "save_steps": 4})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli("sft", "--config", str(path), "--out", str(straight), "--quiet").returncode == 0
+    r = run_cli("sft", "--config", str(path), "--out", str(resumed), "--quiet", env={"FABRIKA_FAULT_KILL_AT_STEP": "6"})
+    assert r.returncode == -9, r.stderr[-3000:]  # killed after step 6; the last checkpoint is step 4
+    assert read_manifest(resumed) is None and max(_losses(resumed)) > 4  # logged past its checkpoint
+    r = run_cli("sft", "--config", str(path), "--out", str(resumed), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_sft_with_two_cpu_processes(tmp_path, plain_base):
+    import socket
+    import sys
+
+    _, path = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="lora", lora={"r": 8, "alpha": 16},
+                      train={"max_steps": 4, "batch_size": 2, "logging_steps": 1})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), "-m", "fabrika.cli"]
+    out = tmp_path / "ddp"
+    r = run_cli("sft", "--config", str(path), "--out", str(out), "--quiet", launcher=torchrun,
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = read_manifest(out)
+    assert m["metrics"]["world_size"] == 2 and (out / "model" / "model.safetensors").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() and sorted(_losses(out)) == [1, 2, 3, 4]

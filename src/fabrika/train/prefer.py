@@ -101,9 +101,10 @@ def estimate(cfg: PreferConfig, ctx: RunContext) -> dict[str, Any]:
 def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     import datasets
     from peft import get_peft_model
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     precision = setup.check_device(cfg.train)
+    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
     base = model_path(ctx.resolve_model(ctx.resolve(cfg.model)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)

@@ -258,10 +258,11 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     import datasets
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig as TRLConfig, SFTTrainer
 
     precision = setup.check_device(cfg.train)
+    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
     _check_method(cfg)
     base = model_path(ctx.resolve_model(ctx.resolve(cfg.model)))
     if not (Path(base).exists() or base.count("/") == 1):
