@@ -1,5 +1,6 @@
-"""SFT throughput: trained (non-padding) tokens/s and peak memory of fabrika's `sft` (packed,
-assistant-only loss) against a plain transformers Trainer that pads each batch to its longest
+"""SFT throughput: trained (non-padding) tokens/s and peak memory of fabrika's `sft` (assistant-only
+loss; padding-free packing, and batches grouped by length, which `batching: auto` picks without flash
+attention) against a plain transformers Trainer that pads each random batch to its longest
 conversation, on the same model and the same chat data with a realistic length spread.
 
     python bench/sft_throughput.py [--size tiny] [--steps 30] [--rounds 2]
@@ -24,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time, statistics
 a = json.loads(sys.argv[1])
-if a["variant"] == "fabrika":
+if a["variant"].startswith("fabrika"):
     from fabrika.artifacts import RunContext, read_jsonl
     from fabrika.train import sft
     cfg = sft.CONFIG(model=a["model"], data=a["data"], method="full", max_length=a["seq"], eval_fraction=0,
+                     batching=a["batching"],
                      train={"max_steps": a["steps"], "batch_size": a["batch"], "grad_accum": 1, "logging_steps": 1,
                             "eval_steps": None, "save_steps": 100000, "lr": 1e-4})
     sft.run(cfg, RunContext(stage="s", kind="sft", stage_dir=a["out"], quiet=True))
@@ -102,14 +104,15 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    results: dict[str, list[dict]] = {"fabrika": [], "baseline": []}
+    results: dict[str, list[dict]] = {"fabrika": [], "fabrika-grouped": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_data(work / "chat.jsonl")
         model = make_model(work, args.size)
         for r in range(args.rounds):
-            for variant in ("baseline", "fabrika"):
+            for variant in ("baseline", "fabrika", "fabrika-grouped"):
                 spec = {"variant": variant, "model": str(model), "data": str(work / "chat.jsonl"), "steps": args.steps,
+                        "batching": "packed" if variant == "fabrika" else "grouped",
                         "batch": args.batch, "seq": args.seq, "out": str(work / f"{variant}-{r}")}
                 out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
                 if out.returncode:
@@ -120,7 +123,8 @@ def main() -> None:
                   caption=f"median of {args.rounds} interleaved rounds")
     for col in ("variant", "trained tokens/s", "peak RSS", "ratio"):
         table.add_column(col, justify="right")
-    for v, label in (("baseline", "Trainer, pad to longest"), ("fabrika", "fabrika sft (packed)")):
+    for v, label in (("baseline", "Trainer, pad to longest"), ("fabrika", "fabrika sft (packed)"),
+                     ("fabrika-grouped", "fabrika sft (length-grouped)")):
         rss = max(x["peak_rss"] for x in results[v]) / 2**20
         table.add_row(label, f"{med[v]:,.0f}", f"{rss:,.0f} MB", f"{med[v] / med['baseline']:.2f}×")
     Console(width=100).print(table)

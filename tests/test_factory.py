@@ -13,7 +13,7 @@ from helpers import run_cli
 SHORT = ["--set", "stages.pretrain.train.max_steps=24", "--set", "stages.pretrain.train.eval_steps=12",
          "--set", "stages.pretrain.train.save_steps=12", "--set", "stages.pretrain.train.warmup_steps=4",
          "--set", "stages.pretrain.train.logging_steps=6"]
-STAGES = ["tokenizer", "prepare", "pretrain", "collect", "sft", "pairs", "prefer", "evaluate", "export"]
+STAGES = ["tokenizer", "prepare", "pretrain", "collect", "sft", "pairs", "prefer", "judge", "evaluate", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def test_every_phase_runs_and_a_rerun_is_cached(demo_run):
     assert set(export) == {"f16", "q4_k_m"} and export["f16"]["top1"] > 0.98
     results = json.loads((demo_run / "evaluate" / "results.json").read_text())
     assert results["perplexity"]["ppl"] > 1 and set(results["mtbench"]) == {"mt_bench", "ru_mt_bench"}
+    assert results["mtbench"]["mt_bench"]["n"] > 0  # the demo's own judge answered in the [[rating]] format
 
     r = run_cli("run", "examples/tiny-cpu.yaml", "--set", f"run_dir={demo_run}", *SHORT)
     assert r.returncode == 0, r.stderr
@@ -65,7 +66,7 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         for expected in ("collect", "pairs", "q4_k_m", "Perplexity", "MT-Bench", "published", "transformers"):
             assert expected in text, expected
         images = page.locator("img")
-        assert images.count() >= 4  # the diagram and the curves of pretrain, sft and prefer
+        assert images.count() >= 6  # diagram; pretrain, sft, prefer and judge curves; MT-Bench by category
         for i in range(images.count()):  # every embedded plot decoded and laid out
             assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", images.nth(i).element_handle())
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)

@@ -216,24 +216,40 @@ def eval_mtbench(
     answers: Optional[str] = typer.Option(None, "--answers", help="Judge this answer file instead of generating."),
     questions: Optional[int] = typer.Option(None, "--questions", help="Only the first N questions."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model or answer file "
+                                           "(pairwise; implies --mode pairwise unless --mode both)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise or both."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Generate MT-Bench answers and grade them with an LLM judge (FastChat-compatible files)."""
-    mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers,
-                            "questions": questions}.items() if v is not None}
+    if baseline and not mode:
+        mode = "pairwise"
+    mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers, "questions": questions,
+                            "baseline": baseline, "mode": mode}.items() if v is not None}
     art = run_stage_command("evaluate", config, {"model": model, "model_id": model_id, "mtbench": mt or None},
                             set_, out, quiet=True)
     console.print(Path(art.dir / "results.md").read_text(encoding="utf-8"))
 
 
 @eval_app.command("show")
-def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_single.jsonl files (FastChat's or ours).")
-              ) -> None:
+def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_single.jsonl (or *_pair.jsonl with "
+                                                  "--pairwise) files, FastChat's or ours."),
+              pairwise: bool = typer.Option(False, "--pairwise", help="The files are pairwise judgments.")) -> None:
     """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
     from rich.table import Table
 
-    from fabrika.evaluate.scores import fmt, read_judgments, summarise
+    from fabrika.evaluate.scores import fmt, read_judgments, read_pair_judgments, summarise, summarise_pairs
 
+    if pairwise:
+        table = Table(title="MT-Bench (pairwise; disagreement between the two orders = tie)")
+        for col in ("models", "model 1 wins", "model 2 wins", "ties", "errors", "model 1 win rate"):
+            table.add_column(col, justify="right")
+        for pair, c in summarise_pairs(read_pair_judgments(files)).items():
+            decided = c["model_1_wins"] + c["model_2_wins"] + c["ties"]
+            rate = f"{(c['model_1_wins'] + 0.5 * c['ties']) / decided:.0%}" if decided else "—"
+            table.add_row(pair, str(c["model_1_wins"]), str(c["model_2_wins"]), str(c["ties"]), str(c["errors"]), rate)
+        console.print(table)
+        return
     rows = read_judgments(files)
     summary = summarise(rows, languages={str(f): f.parent.parent.name for f in files})
     table = Table(title="MT-Bench (single-answer grading)")
@@ -245,6 +261,33 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
     for model, s in summary.items():
         if len(s["by_language"]) > 1:
             console.print(f"{model} by language: " + ", ".join(f"{k} {fmt(v)}" for k, v in s["by_language"].items()))
+
+
+@eval_app.command("leaderboard")
+def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folders (searched at any depth)."),
+                     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write it as Markdown.")) -> None:
+    """Every model evaluated in these folders, per bench, beside the published scores."""
+    from rich.table import Table
+
+    from fabrika.artifacts import atomic_write_text
+    from fabrika.evaluate.scores import fmt, leaderboard
+
+    md = ["# MT-Bench leaderboard", ""]
+    for bench, entries in leaderboard(dirs).items():
+        table = Table(title=f"{bench}")
+        md += [f"## {bench}", "", "| # | model | turn 1 | turn 2 | overall | judge |", "|---|---|---|---|---|---|"]
+        for col in ("#", "model", "turn 1", "turn 2", "overall", "judge"):
+            table.add_column(col, justify="right")
+        for i, e in enumerate(entries, 1):
+            name = f"{e['model']} (published)" if e["published"] else e["model"]
+            cells = [str(i), name, fmt(e["turn1"]), fmt(e["turn2"]), fmt(e["overall"]), e["judge"]]
+            table.add_row(*cells, style="dim" if e["published"] else None)
+            md.append("| " + " | ".join(cells) + " |")
+        md.append("")
+        console.print(table)
+    if out:
+        atomic_write_text(out, "\n".join(md))
+        console.print(f"written: {out}")
 
 
 @app.command()

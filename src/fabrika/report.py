@@ -223,7 +223,7 @@ def training_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 def evaluation_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     from fabrika.evaluate.scores import REFERENCE_SCORES
-    from fabrika.evaluate.stage import plot
+    from fabrika.evaluate.stage import plot, win_rate
 
     parts, md = [], []
     for s in stages:
@@ -246,6 +246,11 @@ def evaluation_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
                           "judgments without a rating)")
             parts.append("<h4>MT-Bench</h4>" + _table(["bench", "language", "turn 1", "turn 2", "overall", "graded",
                                                        "no rating", "judge"], rows))
+            pairs = [[name, r["pairwise"]["baseline"], r["pairwise"]["wins"], r["pairwise"]["losses"],
+                      r["pairwise"]["ties"], win_rate(r["pairwise"])] for name, r in bench.items() if r.get("pairwise")]
+            if pairs:
+                parts.append("<h4>Pairwise (pair-v2, both orders; disagreement = tie)</h4>"
+                             + _table(["bench", "against", "wins", "losses", "ties", "win rate"], pairs))
             cats = sorted({c for r in bench.values() for c in (r.get("by_category") or {})})
             if cats:
                 parts.append(_table(["category", *bench], [[c, *[(r.get("by_category") or {}).get(c) for r in

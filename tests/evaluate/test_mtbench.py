@@ -53,6 +53,7 @@ def judge_model(tmp_path_factory):
             rows.append({"messages": msgs + [{"role": "assistant", "content": "Helpful enough. Rating: [[7]]"}]})
     data = write_jsonl(work / "judge.jsonl", rows)
     cfg = sft.CONFIG(model=str(work / "base"), data=str(data), method="full", max_length=4096, eval_fraction=0,
+                     batching="packed",
                      train={"max_steps": 40, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0,
                             "eval_steps": None, "save_steps": 1000})
     return sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=work / "sft", quiet=True)).path
@@ -201,3 +202,58 @@ def test_harness_on_a_local_task(tmp_path, chat_model):
     assert 0 <= res["tiny_arith"]["acc"] <= 1
     with pytest.raises(FabrikaError, match="unknown task"):
         run_harness(str(chat_model), ["no_such_task_xyz"], include_path=str(tmp_path / "tasks"))
+
+
+def _pair_verdict(messages: list[dict]) -> str:
+    """A judge with a known rule: the side whose answer says WINNER wins; neither: a tie."""
+    import re
+
+    text = messages[-1]["content"]
+    a, b = re.split(r"The Start of Assistant B's", text, maxsplit=1)
+    return "[[A]]" if "WINNER" in a else "[[B]]" if "WINNER" in b else "[[C]]"
+
+
+def test_pairwise_against_an_answer_file_both_orders_and_resume(tmp_path, chat_model):
+    from helpers import scripted_server
+
+    questions = M.load_questions("mt_bench")[0][:2]
+    baseline = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": q["question_id"], "answer_id": "x", "model_id": "reference", "tstamp": 0,
+         "choices": [{"index": 0, "turns": ["WINNER first", "WINNER second"] if i == 0 else ["plain", "plain"]}]}
+        for i, q in enumerate(questions)])
+    calls = []
+    with scripted_server(lambda m: calls.append(1) or _pair_verdict(m)) as judge:
+        cfg = stage.CONFIG(model=f"hf:{chat_model}", model_id="tiny",
+                           mtbench={"bench": "mt_bench", "judge": f"openai:j@{judge}", "questions": 2,
+                                    "max_new_tokens": 8, "mode": "pairwise", "baseline": str(baseline)})
+        ctx = RunContext(stage="evaluate", kind="evaluate", stage_dir=tmp_path / "ev", quiet=True)
+        res = json.loads(stage.run(cfg, ctx).path.read_text())["mtbench"]["mt_bench"]["pairwise"]
+        assert res == {"baseline": "reference", "wins": 0, "losses": 2, "ties": 2, "errors": 0, "win_rate": 0.25}
+        assert len(calls) == 8  # 2 questions x 2 turns x both orders
+        pair_file = tmp_path / "ev" / "mt_bench" / "model_judgment" / "j_pair.jsonl"
+        rows = list(read_jsonl(pair_file))
+        assert {r["g1_winner"] for r in rows if r["question_id"] == questions[0]["question_id"]} == {"model_2"}
+        assert rows[0]["judge"][1].startswith("pair-v2") and "g2_user_prompt" in rows[0]
+        (tmp_path / "ev" / "manifest.json").unlink()
+        stage.run(cfg, ctx)  # everything journaled: no judge call repeated
+        assert len(calls) == 8
+    r = run_cli("eval", "show", "--pairwise", str(pair_file))
+    assert r.returncode == 0 and "tiny vs reference" in r.stdout and "25%" in r.stdout
+    with pytest.raises(Exception, match="set baseline"):
+        stage.CONFIG(mtbench={"bench": "mt_bench", "mode": "pairwise"})
+
+
+def test_leaderboard_across_result_folders(tmp_path):
+    for run, model, score in (("run1", "alpha", 6), ("run2", "beta", 9)):
+        d = tmp_path / run / "evaluate" / "mt_bench" / "model_judgment"
+        d.mkdir(parents=True)
+        write_jsonl(d / "gpt-4o_single.jsonl", [{"question_id": 81, "model": model, "judge": ["gpt-4o", "single-v1"],
+                                                 "user_prompt": "", "judgment": f"[[{score}]]", "score": score,
+                                                 "turn": t, "tstamp": 0} for t in (1, 2)])
+    r = run_cli("eval", "leaderboard", str(tmp_path), "--out", str(tmp_path / "board.md"))
+    assert r.returncode == 0, r.stderr
+    board = (tmp_path / "board.md").read_text()
+    rows = [line for line in board.splitlines() if line.startswith("| ") and "model" not in line]
+    names = [line.split(" | ")[1] for line in rows]
+    assert names[0] == "beta" and names.index("alpha") > names.index("gpt-3.5-turbo (published)")
+    assert run_cli("eval", "leaderboard", str(tmp_path / "nothing")).returncode == 2

@@ -155,10 +155,63 @@ def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, c
             break
 
 
-def estimate_judging(matches: list[dict], judge_model: str) -> dict[str, Any]:
+def pair_matches(questions: list[dict], answers_1: list[dict], answers_2: list[dict], refs: dict[int, dict],
+                 judge_model: str, prompts: dict[str, dict], done: set[tuple[int, int]]) -> list[dict]:
+    """Every (question, turn) both models answered and not yet compared, with the two prompts FastChat
+    sends: model 1 as assistant A (game 1), then as assistant B (game 2)."""
+    judges = J.pair_judges(judge_model, prompts)
+    second = {a["question_id"]: a for a in answers_2}
+    by_q = {q["question_id"]: q for q in questions}
+    matches = []
+    for a1 in answers_1:
+        q, a2 = by_q.get(a1["question_id"]), second.get(a1["question_id"])
+        if q is None or a2 is None:
+            continue
+        for turn in (1, 2):
+            n = min(len(q["turns"]), len(a1["choices"][0]["turns"]), len(a2["choices"][0]["turns"]))
+            if turn > n or (q["question_id"], turn) in done:
+                continue
+            j = J.pick(judges, q.get("category", ""), turn)
+            ref = refs.get(q["question_id"]) if j.ref_based else None
+            if j.ref_based and ref is None:
+                j = J.pick(judges, "", turn)
+            matches.append({"question": q, "judge": j, "turn": turn, "model_1": a1["model_id"],
+                            "model_2": a2["model_id"], "games": [J.pair_prompt(j, q, a1, a2, ref),
+                                                                 J.pair_prompt(j, q, a2, a1, ref)]})
+    return matches
+
+
+def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_options: dict[str, Any],
+                     quiet: bool = True, max_tokens: int = 2048) -> None:
+    """Judge both games of every match; a FastChat pairwise row is appended once both verdicts are in."""
+    if not matches:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    verdicts: dict[int, dict[int, str]] = {}
+
+    def keep(i: int, result) -> None:
+        k, game = divmod(i, 2)
+        verdicts.setdefault(k, {})[game] = f"$ERROR$ {result}" if isinstance(result, Exception) else result[0].text
+        if len(verdicts[k]) < 2:
+            return
+        m, (g1, g2) = matches[k], (verdicts[k][0], verdicts[k][1])
+        w1 = {"A": "model_1", "B": "model_2"}.get(J.parse_winner(g1), J.parse_winner(g1))
+        w2 = {"A": "model_2", "B": "model_1"}.get(J.parse_winner(g2), J.parse_winner(g2))
+        append_jsonl(out, [{"question_id": m["question"]["question_id"], "model_1": m["model_1"], "model_2": m["model_2"],
+                            "g1_winner": w1, "g2_winner": w2, "judge": m["judge"].label,
+                            "g1_user_prompt": m["games"][0][1]["content"], "g1_judgment": g1,
+                            "g2_user_prompt": m["games"][1][1]["content"], "g2_judgment": g2, "turn": m["turn"],
+                            "tstamp": time.time()}])
+
+    params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens)
+    ask_model(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep)
+
+
+def estimate_judging(conversations: list[list[dict]], judge_model: str) -> dict[str, Any]:
     from fabrika.infer.client import DEFAULT_PRICES
 
-    chars = sum(len(m["messages"][0]["content"]) + len(m["messages"][1]["content"]) for m in matches)
+    chars = sum(len(m["content"]) for conv in conversations for m in conv)
     p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
-    prompt_tokens, answer_tokens = chars / 4, 300 * len(matches)  # ~4 chars/token, ~300-token judgments
-    return {"judge_calls": len(matches), "est_cost_usd": round((prompt_tokens * p_in + answer_tokens * p_out) / 1e6, 2)}
+    prompt_tokens, answer_tokens = chars / 4, 300 * len(conversations)  # ~4 chars/token, ~300-token judgments
+    return {"judge_calls": len(conversations),
+            "est_cost_usd": round((prompt_tokens * p_in + answer_tokens * p_out) / 1e6, 2)}

@@ -23,7 +23,7 @@ REFERENCE_SCORES = {
 }
 
 
-def read_judgments(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def _read(paths: Iterable[str | Path], fields: tuple[str, ...], what: str, hint: str) -> list[dict[str, Any]]:
     rows = []
     for path in paths:
         path = Path(path)
@@ -36,13 +36,22 @@ def read_judgments(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FabrikaError(f"{path}:{n}: not JSON ({e.msg})") from None
-            missing = [k for k in ("question_id", "model", "score", "turn") if k not in row]
+            missing = [k for k in fields if k not in row]
             if missing:
-                raise FabrikaError(f"{path}:{n}: not a single-answer judgment (missing {', '.join(missing)}); "
-                                   "pairwise files are summarised with --pairwise")
+                raise FabrikaError(f"{path}:{n}: not a {what} judgment (missing {', '.join(missing)}); {hint}")
             row.setdefault("_file", str(path))
             rows.append(row)
     return rows
+
+
+def read_judgments(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    return _read(paths, ("question_id", "model", "score", "turn"), "single-answer",
+                 "pairwise files are summarised with --pairwise")
+
+
+def read_pair_judgments(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    return _read(paths, ("question_id", "model_1", "model_2", "g1_winner", "g2_winner", "turn"), "pairwise",
+                 "single-answer files are summarised without --pairwise")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -91,3 +100,26 @@ def summarise_pairs(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
+
+
+def leaderboard(roots: Iterable[str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """Every model graded under `roots` (any depth of `<bench>/model_judgment/*_single.jsonl`), per
+    bench, best first, with the published reference scores of that bench in the same ranking."""
+    files: dict[str, list[Path]] = defaultdict(list)
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FabrikaError(f"{root}: no such results folder")
+        for f in sorted(root.rglob("model_judgment/*_single.jsonl")):
+            files[f.parent.parent.name].append(f)
+    if not files:
+        raise FabrikaError(f"no model_judgment/*_single.jsonl under {', '.join(map(str, roots))}")
+    board: dict[str, list[dict[str, Any]]] = {}
+    for bench, paths in sorted(files.items()):
+        entries = [{"model": m, "published": False, "judge": ", ".join(sorted({Path(p).stem.removesuffix("_single")
+                                                                              for p in paths})), **sm}
+                   for m, sm in summarise(read_judgments(paths)).items() if sm["overall"] is not None]
+        entries += [{"model": m, "published": True, "overall": v, "turn1": None, "turn2": None, "n": None,
+                     "judge": "gpt-4"} for m, v in REFERENCE_SCORES.get(bench, {}).items()]
+        board[bench] = sorted(entries, key=lambda e: -(e["overall"] or 0))
+    return board

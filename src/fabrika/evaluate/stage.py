@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.evaluate import mtbench as M
-from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, summarise
+from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, summarise, summarise_pairs
 
 
 class MTBenchParams(Config):
@@ -34,11 +34,22 @@ class MTBenchParams(Config):
     judge_retries: int = Field(1, ge=0, description="Extra tries for judgments without a [[rating]].")
     judge_max_tokens: int = Field(2048, ge=1, description="Longest judgment (FastChat: 2048).")
     client: dict[str, Any] = Field(default_factory=dict, description="Judge client settings (concurrency, ...).")
+    mode: Literal["single", "pairwise", "both"] = Field(
+        "single", description="single: grade 1-10; pairwise: compare with `baseline` (pair-v2, both orders).")
+    baseline: str | None = Field(None, description="Pairwise opponent: a model reference or a FastChat answer file.")
 
     @field_validator("bench", mode="before")
     @classmethod
     def _list(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _baseline(self):
+        if self.mode != "single" and not self.baseline:
+            raise ValueError(f"mode {self.mode} compares two models: set baseline (a model or an answer file)")
+        if self.mode == "single" and self.baseline:
+            raise ValueError("baseline is only used with mode: pairwise or both")
+        return self
 
 
 class PerplexityParams(Config):
@@ -110,7 +121,7 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
     p = cfg.mtbench
     assert p is not None
     jref = ctx.generator_ref(p.judge)
-    judge_name = jref.split(":", 1)[-1].split("@")[0].replace("/", "_")
+    judge_name = p.judge if p.judge in ctx.inputs else jref.split(":", 1)[-1].split("@")[0].replace("/", "_")
     gen = None
     results: dict[str, Any] = {}
     for bench in p.bench:
@@ -129,23 +140,61 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
             answers = M.generate_answers(gen, questions, bench_dir / "model_answer" / f"{model_id}.jsonl", model_id,
                                          p.max_new_tokens)
         kind = p.prompts if p.prompts != "auto" else ("fastchat" if lang == "en" else "multilingual")
-        judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"
-        done = {(r["question_id"], r["turn"]) for r in read_jsonl(judgment_file) if r.get("model") == model_id}
-        matches = M.judge_matches(questions, answers, refs, judge_name, J.load_prompts(kind), done)
-        est = M.estimate_judging(matches, judge_name)
-        if not ctx.quiet:
-            print(f"{name}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']})")
         options = {"cache_dir": str(ctx.stage_dir / "judge_cache"), **p.client}
-        M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet,
-                      max_tokens=p.judge_max_tokens)
-        rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
-        cats = {q["question_id"]: q.get("category", "") for q in questions}
-        summary = summarise(rows, cats).get(model_id, {})
-        summary["language"] = lang
-        summary["judge"] = judge_name
-        summary["prompts"] = kind
+        summary: dict[str, Any] = {}
+        if p.mode in ("single", "both"):
+            judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"
+            done = {(r["question_id"], r["turn"]) for r in read_jsonl(judgment_file) if r.get("model") == model_id}
+            matches = M.judge_matches(questions, answers, refs, judge_name, J.load_prompts(kind), done)
+            _say_cost(ctx, name, [m["messages"] for m in matches], judge_name, jref)
+            M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet,
+                          max_tokens=p.judge_max_tokens)
+            rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
+            cats = {q["question_id"]: q.get("category", "") for q in questions}
+            summary = summarise(rows, cats).get(model_id, {})
+        if p.mode in ("pairwise", "both"):
+            summary["pairwise"] = _pairwise(p, ctx, questions, refs, answers, model_id, bench_dir, kind, judge_name,
+                                            jref, options)
+        summary.update(language=lang, judge=judge_name, prompts=kind)
         results[name] = summary
     return results
+
+
+def _say_cost(ctx: RunContext, bench: str, conversations: list[list[dict]], judge_name: str, jref: str) -> None:
+    est = M.estimate_judging(conversations, judge_name)
+    if not ctx.quiet:
+        print(f"{bench}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']})")
+
+
+def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: dict, answers: list[dict],
+              model_id: str, bench_dir: Path, kind: str, judge_name: str, jref: str,
+              options: dict[str, Any]) -> dict[str, Any]:
+    """The model against `baseline`, FastChat's pair-v2 prompts in both orders: a win only when both agree."""
+    assert p.baseline is not None
+    if p.baseline.endswith(".jsonl") and Path(p.baseline).is_file():
+        theirs = M.load_answers(Path(p.baseline))
+        baseline_id = theirs[0]["model_id"] if theirs else Path(p.baseline).stem
+    else:
+        from fabrika.infer.backends import load_generator
+
+        ref = ctx.generator_ref(p.baseline)
+        baseline_id = p.baseline if p.baseline in ctx.inputs else Path(ref.split(":", 1)[-1].split("@")[0]).name
+        theirs = M.generate_answers(load_generator(ref), questions, bench_dir / "model_answer" / f"{baseline_id}.jsonl",
+                                    baseline_id, p.max_new_tokens)
+    if baseline_id == model_id:
+        raise FabrikaError(f"evaluate.mtbench.baseline: both models are called {model_id!r}; set model_id")
+    pair_file = bench_dir / "model_judgment" / f"{judge_name}_pair.jsonl"
+    done = {(r["question_id"], r["turn"]) for r in read_jsonl(pair_file)
+            if (r["model_1"], r["model_2"]) == (model_id, baseline_id)}
+    matches = M.pair_matches(questions, answers, theirs, refs, judge_name, J.load_prompts(kind), done)
+    _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], judge_name, jref)
+    M.run_pair_judging(matches, jref, pair_file, options, quiet=ctx.quiet, max_tokens=p.judge_max_tokens)
+    rows = [r for r in read_jsonl(pair_file) if (r["model_1"], r["model_2"]) == (model_id, baseline_id)]
+    c = summarise_pairs(rows).get(f"{model_id} vs {baseline_id}", {})
+    decided = c.get("model_1_wins", 0) + c.get("model_2_wins", 0) + c.get("ties", 0)
+    return {"baseline": baseline_id, "wins": c.get("model_1_wins", 0), "losses": c.get("model_2_wins", 0),
+            "ties": c.get("ties", 0), "errors": c.get("errors", 0),
+            "win_rate": (c.get("model_1_wins", 0) + 0.5 * c.get("ties", 0)) / decided if decided else None}
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
@@ -178,6 +227,10 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def win_rate(pairwise: dict[str, Any]) -> str:
+    return "—" if pairwise.get("win_rate") is None else f"{pairwise['win_rate']:.0%}"
+
+
 def markdown(results: dict[str, Any], model_id: str) -> str:
     lines = [f"# Evaluation of {model_id}", ""]
     if results.get("mtbench"):
@@ -188,6 +241,13 @@ def markdown(results: dict[str, Any], model_id: str) -> str:
             for ref_model, score in REFERENCE_SCORES.get(bench, {}).items():
                 lines.append(f"| ↳ published: {ref_model} | | | {score:.2f} | | | gpt-4-turbo |")
         lines.append("")
+        pairs = {b: r["pairwise"] for b, r in results["mtbench"].items() if r.get("pairwise")}
+        if pairs:
+            lines += ["### Pairwise (pair-v2, both orders; disagreement = tie)", "",
+                      "| bench | against | wins | losses | ties | win rate |", "|---|---|---|---|---|---|"]
+            lines += [f"| {b} | {r['baseline']} | {r['wins']} | {r['losses']} | {r['ties']} | {win_rate(r)} |"
+                      for b, r in pairs.items()]
+            lines.append("")
     if results.get("perplexity"):
         r = results["perplexity"]
         lines += ["## Perplexity", "", f"{r['ppl']:.3f} on {r['tokens']} tokens of {r['source']} (context {r['context']})", ""]

@@ -60,7 +60,9 @@ class SFTConfig(Config):
     method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
-    packing: bool = Field(True, description="Pack several conversations per sequence (no padding).")
+    batching: Literal["auto", "packed", "grouped", "padded"] = Field(
+        "auto", description="packed: padding-free packing (fast with flash attention on CUDA); grouped: batches of "
+        "similar length, padded (fastest with SDPA, e.g. on CPU); padded: random batches; auto picks for the machine.")
     assistant_only_loss: bool = Field(True, description="Loss on the assistant's tokens only.")
     overlong: Literal["truncate", "drop"] = Field("drop", description="What to do with conversations over max_length.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction for eval loss.")
@@ -233,6 +235,45 @@ def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) 
 TOKENS_PER_EXAMPLE = 800  # a distilled chat example (Tagengo-like: ~200 prompt + ~600 answer tokens)
 
 
+def _trainer_class(base: type, batching: str, seed: int) -> type:
+    """For `grouped` batching: transformers' length-grouped sampler draws from the global RNG, so a
+    resumed run would see other batches than an uninterrupted one; this one is seeded per epoch."""
+    if batching != "grouped":
+        return base
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(seed + self.epoch)
+            return super().__iter__()
+
+    class GroupedTrainer(base):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.__class__ = SeededLengthGroupedSampler
+            return sampler
+
+    return GroupedTrainer
+
+
+def batching_mode(cfg: SFTConfig) -> str:
+    """Packing without padding pays off only where attention takes packed sequences natively (flash
+    attention's varlen kernels on CUDA); with SDPA the packed batch becomes one long masked sequence,
+    and batches of similar length waste less. Measured in bench/sft_throughput.py."""
+    if cfg.batching != "auto":
+        return cfg.batching
+    import torch
+
+    return "packed" if torch.cuda.is_available() and cfg.train.attn_implementation == "flash_attention_2" else "grouped"
+
+
 def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
     """Training tokens and H100 hours before anything is downloaded: rows from an upstream collect
     stage's plan, parameters from the model's name when its config is not local."""
@@ -292,13 +333,16 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
         ds, eval_ds = parts["train"], parts["test"]
 
     out = ctx.stage_dir
+    batching = batching_mode(cfg)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
     args = setup.trainer_arguments(
         cfg.train, out, precision, ctx.seed, cls=TRLConfig,
-        max_length=cfg.max_length, packing=cfg.packing, assistant_only_loss=cfg.assistant_only_loss,
+        max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
         eos_token=eot, pad_token=tokenizer.pad_token, neftune_noise_alpha=cfg.neftune_alpha,
-        dataset_num_proc=None, **({} if eval_ds is not None else {"eval_strategy": "no"}))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
+        **({} if eval_ds is not None else {"eval_strategy": "no"}))
+    trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
+        model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          callbacks=setup.make_callbacks(out, tokens_per_step,
                                                         setup.flops_per_token(model.config, cfg.max_length),
                                                         setup.peak_flops(cfg.train)))
@@ -307,7 +351,8 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                               "conversations": len(ds), **length_stats, "world_size": setup.world_size()}
+                               "conversations": len(ds), **length_stats, "world_size": setup.world_size(),
+                               "batching": batching}
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
