@@ -19,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+def peak_rss():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's over exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 from fabrika.artifacts import RunContext
 from fabrika.data import corpus
 a = json.loads(sys.argv[1])
@@ -27,7 +29,7 @@ t = time.perf_counter()
 art = corpus.run(corpus.CONFIG(tokenizer=a["tok"], paths=[a["corpus"]], shard_mb=50),
                  RunContext(stage="p", kind="prepare", stage_dir=a["out"], quiet=True))
 print(json.dumps({"seconds": time.perf_counter() - t, "tokens": art.metrics["train_tokens"] + art.metrics["val_tokens"],
-                  "docs": art.metrics["documents"], "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "docs": art.metrics["documents"], "peak_rss": peak_rss()}))
 """
 
 

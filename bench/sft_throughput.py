@@ -23,7 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, sys, time, statistics
+import json, sys, time, statistics
+def peak_rss():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's over exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 a = json.loads(sys.argv[1])
 if a["variant"].startswith("fabrika"):
     from fabrika.artifacts import RunContext, read_jsonl
@@ -61,7 +63,7 @@ else:
     CountingTrainer(model=model, args=args, train_dataset=ds, callbacks=[Meter()],
                     data_collator=DataCollatorForSeq2Seq(tok, padding="longest")).train()
     tps = statistics.median(t / s for t, s in list(zip(toks, times))[2:])
-print(json.dumps({"tps": tps, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"tps": tps, "peak_rss": peak_rss()}))
 """
 
 

@@ -9,8 +9,10 @@ exactly as transformers does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,30 +66,52 @@ def safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}  # BF16: raw bits
+
+
+@functools.lru_cache(maxsize=64)
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(data start, tensor table) of a safetensors file: 8-byte little-endian length, then JSON."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            table = json.loads(f.read(n))
+        size = file.stat().st_size
+        for name, t in table.items():
+            if name != "__metadata__" and 8 + n + t["data_offsets"][1] > size:
+                raise ValueError(f"tensor {name!r} ends past the end of the file (truncated?)")
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise FabrikaError(f"{file}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    table.pop("__metadata__", None)
+    return 8 + n, table
+
+
 def tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
     """Names and shapes from the safetensors headers, without loading any weight."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in safetensor_files(model_dir):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    shapes[name] = (tuple(st.get_slice(name).get_shape()), f)
-        except Exception as e:  # a truncated or corrupt file: say which, not a Rust panic message
-            raise FabrikaError(f"{f}: cannot read safetensors file ({type(e).__name__}: {e})") from None
-    return shapes
+    return {name: (tuple(t["shape"]), f) for f in safetensor_files(model_dir) for name, t in _header(f)[1].items()}
 
 
-def load_tensor(name: str, file: Path) -> np.ndarray:
-    import torch
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as st:
-            return st.get_tensor(name).to(torch.float32).numpy()
-    except Exception as e:
-        raise FabrikaError(f"{file}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+def load_tensor(name: str, file: Path, dtype: type = np.float32) -> np.ndarray:
+    """One tensor read block by block with plain file reads (not a memory map, whose touched pages
+    would stay in the process's RSS) straight into its `dtype` array: memory holds the result and one
+    small block, never a second full-size copy."""
+    start, table = _header(file)
+    t = table[name]
+    if t["dtype"] not in _DTYPES:
+        raise FabrikaError(f"{file}: tensor {name!r} has dtype {t['dtype']}; expected F32, F16 or BF16 weights")
+    source = np.dtype(_DTYPES[t["dtype"]])
+    begin, end = t["data_offsets"]
+    n = (end - begin) // source.itemsize
+    out = np.empty(n, dtype=dtype)
+    block = np.empty(min(n, 1 << 22), dtype=source)
+    with open(file, "rb") as f:
+        f.seek(start + begin)
+        for i in range(0, n, block.size):
+            chunk = block[: min(block.size, n - i)]
+            if f.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise FabrikaError(f"{file}: tensor {name!r} is cut short (truncated file?)")
+            out[i:i + chunk.size] = (chunk.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "BF16" else chunk
+    return out.reshape(t["shape"])
 
 
 # --- architecture-specific tensor plans --------------------------------------------------------
@@ -361,7 +385,8 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", lineag
     largest = 0
     try:
         for s, qtype in zip(plan, types):
-            data = s.transform([load_tensor(n, shapes[n][1]) for n in s.hf_names])
+            dtype = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
+            data = s.transform([load_tensor(n, shapes[n][1], dtype) for n in s.hf_names])
             largest = max(largest, data.nbytes)
             w.write_tensor_data(gguf.quants.quantize(data, qtype))
             if progress:
