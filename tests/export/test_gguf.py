@@ -162,4 +162,20 @@ def test_unsupported_and_corrupt_models(tmp_path, bpe_tok):
                 str(tmp_path / "e"))
     assert r.returncode == 2 and "unknown type" in r.stderr and "q4_k_m" in r.stderr
     r = run_cli("export", str(tmp_path / "ok"), "--imatrix", "calib.txt", "--out", str(tmp_path / "e2"))
-    assert r.returncode == 2 and "importance matrix" in r.stderr
+    assert r.returncode == 2 and "export.imatrix: calib.txt is not a file" in r.stderr
+
+
+def test_quantization_with_an_importance_matrix(tmp_path, bpe_tok):
+    model_dir = build("llama", bpe_tok, tmp_path / "llama", hidden_size=256, intermediate_size=512)
+    plain = stage.run(stage.CONFIG(model=str(model_dir), quant="q4_k_m"),
+                      RunContext(stage="export", kind="export", stage_dir=tmp_path / "plain", quiet=True))
+    r = run_cli("export", str(model_dir), "--quant", "q4_k_m", "--imatrix", "builtin", "--out", str(tmp_path / "im"),
+                "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "im" / "verification.json").read_text())
+    assert "blk.0.attn_q.weight" in rep["imatrix"]["tensors"] and "blk.1.ffn_down.weight" in rep["imatrix"]["tensors"]
+    weighted = (tmp_path / "im" / "model-q4_k_m.gguf").read_bytes()
+    assert weighted != (plain.dir / "model-q4_k_m.gguf").read_bytes()  # the quantizer used the matrix
+    baseline = json.loads((plain.dir / "verification.json").read_text())["verification"]["files"]["q4_k_m"]
+    assert rep["verification"]["files"]["q4_k_m"]["kl"] < 1.5 * baseline["kl"]  # a sane matrix: no worse
+    assert "imatrix" not in json.loads((plain.dir / "verification.json").read_text())

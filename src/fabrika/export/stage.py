@@ -5,7 +5,8 @@ files for llama.cpp, quantized by llama.cpp itself and verified against the orig
     fabrika chat gguf:runs/x/export/model-q4_k_m.gguf
 
 F32/F16/BF16/Q8_0 are written directly; every other type (Q4_0, Q4_K_M, Q5_K_M, Q6_K, ...) is made by
-`llama_model_quantize` from the F16 (or F32) file. Every file is loaded back with llama.cpp and
+`llama_model_quantize` from the F16 (or F32) file, optionally with an importance matrix computed on
+calibration text (`imatrix: builtin` or a file; see fabrika.export.imatrix). Every file is loaded back with llama.cpp and
 compared with the HF model; an unquantized file that disagrees fails the stage. An Ollama Modelfile
 is written beside the files.
 """
@@ -36,7 +37,7 @@ class ExportConfig(Config):
     model: str = Field(description="A stage name, model or adapter directory, hf:ID or Hub id.")
     quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce.")
     base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32.")
-    imatrix: str | None = Field(None, description="Calibration text for an importance matrix (see notes).")
+    imatrix: str | None = Field(None, description="Calibration text for an importance matrix, or builtin.")
     name: str = Field("model", description="File name stem: <name>-<type>.gguf.")
     verify: VerifyParams = Field(default_factory=VerifyParams, description="Verification settings.")
 
@@ -63,13 +64,28 @@ def llama_cpp_types() -> dict[str, int]:
     return {n[len(prefix):].lower(): getattr(llama_cpp, n) for n in dir(llama_cpp) if n.startswith(prefix)}
 
 
-def quantize(src: Path, dst: Path, qtype: str) -> None:
+def _importance(cfg: ExportConfig, model_dir: Path) -> dict[str, Any]:
+    """The importance matrix on the calibration text (`builtin`: the shipped en/ru/zh excerpts)."""
+    from fabrika.export import imatrix
+
+    config = writer.load_config(model_dir)
+    plan = writer.plan_tensors(config, writer.tensor_shapes(model_dir))
+    names = {hf: s.gguf_name for s in plan for hf in s.hf_names if len(s.hf_names) == 1}
+    return imatrix.compute(model_dir, verifier.calibration_text(cfg.imatrix, "export.imatrix"), names)
+
+
+def quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, Any] | None = None) -> None:
     import llama_cpp
     from llama_cpp import _logger
+
+    from fabrika.export.imatrix import CArray
 
     _logger.set_verbose(False)  # llama.cpp's per-tensor chatter; its errors still show
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp_types()[qtype]
+    if imatrix:
+        data = CArray(imatrix)  # referenced until the call returns
+        params.imatrix = data.pointer()
     tmp = dst.with_name(f".{dst.name}.tmp")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.exists():
@@ -156,10 +172,6 @@ def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
-    if cfg.imatrix:
-        raise FabrikaError("export.imatrix: llama.cpp's quantizer takes an importance matrix only as a C++ map "
-                           "that its Python binding cannot build; quantize without it, or use llama.cpp's "
-                           "llama-imatrix and llama-quantize tools on the F16 file this stage writes")
     known = llama_cpp_types()
     unknown = [q for q in cfg.quant if q not in writer.DIRECT_TYPES and q not in known]
     if unknown:
@@ -168,6 +180,8 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     if cfg.base_type not in ("f16", "bf16", "f32"):
         raise FabrikaError(f"export.base_type: {cfg.base_type!r}; expected f16, bf16 or f32")
 
+    if cfg.imatrix:
+        verifier.calibration_text(cfg.imatrix, "export.imatrix")  # a missing file fails before any work
     model_dir, lineage = _resolve_model(cfg, ctx)
     out = ctx.stage_dir
     files: dict[str, Path] = {}
@@ -178,16 +192,21 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
         if not path.exists():  # a rerun after a kill keeps finished files (each written atomically)
             conversions[qtype] = writer.convert(model_dir, path, qtype, lineage=lineage)
         files[qtype] = path
+    imatrix = None
     for qtype in cfg.quant:
         if qtype in files:
             continue
         path = out / f"{cfg.name}-{qtype}.gguf"
         if not path.exists():
-            quantize(files[cfg.base_type], path, qtype)
+            if cfg.imatrix and imatrix is None:
+                imatrix = _importance(cfg, model_dir)
+            quantize(files[cfg.base_type], path, qtype, imatrix)
         files[qtype] = path
     types = {q: tensor_types(p) for q, p in files.items()}
 
     report: dict[str, Any] = {"model": str(model_dir), "conversion": conversions, "tensor_types": types}
+    if imatrix:
+        report["imatrix"] = {"calibration": cfg.imatrix, "tensors": sorted(imatrix)}
     if cfg.verify.enabled:
         report["verification"] = verifier.verify(model_dir, files, cfg.verify.calibration, cfg.verify.max_tokens)
         atomic_write_json(out / "verification.json", report)

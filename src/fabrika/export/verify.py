@@ -23,12 +23,12 @@ from fabrika.errors import FabrikaError
 LOSSLESS_KL = {"f32": 1e-4, "f16": 2e-3, "bf16": 1e-2}
 
 
-def calibration_text(spec: str = "builtin") -> str:
+def calibration_text(spec: str = "builtin", setting: str = "export.verify.calibration") -> str:
     if spec == "builtin":
         return resources.files("fabrika.export").joinpath("calibration.txt").read_text(encoding="utf-8")
     p = Path(spec)
     if not p.is_file():
-        raise FabrikaError(f"export.verify.calibration: {spec} is not a file (or use 'builtin')")
+        raise FabrikaError(f"{setting}: {spec} is not a file (or use 'builtin')")
     return p.read_text(encoding="utf-8")
 
 
