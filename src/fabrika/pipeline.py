@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fabrika import __version__
-from fabrika.artifacts import (MANIFEST, Artifact, RunContext, atomic_write_json, fingerprint, path_fingerprint,
+from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, fingerprint, path_fingerprint,
                                read_json, read_manifest)
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError

@@ -5,7 +5,6 @@ parsing, aggregation, pairwise logic and reading FastChat's own files."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import REPO, run_cli, write_jsonl

@@ -6,7 +6,7 @@ from helpers import run_cli
 
 from fabrika.errors import FabrikaError
 from fabrika.models.plan import make_plan, render_plan
-from fabrika.models.presets import ARCHS, SIZES, ModelSpec, count_parameters, make_config
+from fabrika.models.presets import ARCHS, ModelSpec, count_parameters, make_config
 
 NOMINAL = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9, "8b": 8e9}
 

@@ -20,7 +20,6 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator

@@ -10,7 +10,6 @@ or as an `evaluate` stage of a pipeline (`model: sft`, `mtbench: {bench: [mt_ben
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 

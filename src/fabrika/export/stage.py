@@ -14,7 +14,6 @@ is written beside the files.
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +157,7 @@ OLLAMA_TEMPLATES = {
 
 
 def modelfile(gguf_name: str, chat_template: str | None) -> str:
-    lines = [f"# Ollama: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    lines = ["# Ollama: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
     for marker, (template, stop) in OLLAMA_TEMPLATES.items():
         if chat_template and marker in chat_template:
             lines += [f'TEMPLATE """{template}"""', f'PARAMETER stop "{stop}"']

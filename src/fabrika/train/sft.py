@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
-from fabrika.data.formats import FORMATS, convert_rows
+from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models.templates import get_template
