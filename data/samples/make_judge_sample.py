@@ -2,7 +2,7 @@
 
 The demo has no GPT-4 to judge with, so it fine-tunes its own tiny model on these rows and serves it
 as the judge: every row is a real FastChat (or multilingual) judge prompt for an MT-Bench question,
-with a short answer, followed by a verdict that ends in `Rating: [[5]]`. The grades it then gives
+with a short answer, followed by the verdict `Rating: [[5]]`. The grades it then gives
 mean nothing; what the demo shows is that judging, parsing and scoring run end to end.
 
     python data/samples/make_judge_sample.py      # run from the repository root
@@ -16,7 +16,7 @@ from fabrika.evaluate import mtbench as M
 
 ANSWERS = {"en": ["Here is a short answer.", "I would start with the main point and add an example."],
            "ru": ["Вот короткий ответ.", "Я бы начал с главного и добавил пример."]}
-VERDICT = "The answer is brief and only partly helpful. Rating: [[5]]"
+VERDICT = "Rating: [[5]]"
 
 
 def rows() -> list[dict]:

@@ -5,6 +5,7 @@ parsing, aggregation, pairwise logic and reading FastChat's own files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import REPO, run_cli, write_jsonl
@@ -16,7 +17,7 @@ from fabrika.evaluate import mtbench as M
 from fabrika.evaluate import stage
 from fabrika.evaluate.scores import summarise
 
-SHARED = REPO.parent / "shared" / "data" / "mt_bench"
+UPSTREAM = Path(__file__).parent / "fastchat"  # FastChat's own judge_prompts.jsonl, unmodified
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +68,9 @@ def judge_server(judge_model):
 
 
 def test_prompts_are_fastchats_byte_for_byte():
-    """Built independently from the upstream files in ../shared, as FastChat's run_judge_single does."""
+    """Built independently from FastChat's own template file, as its run_judge_single does."""
     upstream = {json.loads(l)["name"]: json.loads(l) for l in
-                (SHARED / "lm-sys_FastChat" / "judge_prompts.jsonl").read_text().splitlines() if l.strip()}
+                (UPSTREAM / "judge_prompts.jsonl").read_text().splitlines() if l.strip()}
     questions, refs, _ = M.load_questions("mt_bench")
     math_q = next(q for q in questions if q["category"] == "math")
     answer = {"choices": [{"turns": ["first {braces} answer", "second"]}]}
