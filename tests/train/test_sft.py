@@ -186,3 +186,28 @@ def test_sft_with_two_cpu_processes(tmp_path, plain_base):
     m = read_manifest(out)
     assert m["metrics"]["world_size"] == 2 and (out / "model" / "model.safetensors").exists()
     assert (out / "adapter" / "adapter_config.json").exists() and sorted(_losses(out)) == [1, 2, 3, 4]
+
+
+def test_adapter_without_its_base_and_template_without_generation_markers(tmp_path, plain_base):
+    import shutil
+
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="lora", lora={"r": 4, "alpha": 8},
+                     train={"max_steps": 2})
+    out = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True)).dir
+    adapter = tmp_path / "moved-adapter"
+    shutil.copytree(out / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    r = run_cli("sft", "--model", str(adapter), "--data", str(facts_data(tmp_path)), "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "names base model" in r.stderr and "gone" in r.stderr
+    r = run_cli("export", str(adapter), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "names base model" in r.stderr
+
+    plain_template = tmp_path / "plain-template"
+    shutil.copytree(plain_base, plain_template)
+    tok_cfg = json.loads((plain_template / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (plain_template / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg, _ = run_sft(tmp_path, plain_template, str(facts_data(tmp_path)), template="tokenizer")
+    with pytest.raises(FabrikaError, match="assistant_only_loss: false"):
+        sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "t", quiet=True))

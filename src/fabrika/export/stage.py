@@ -131,13 +131,9 @@ def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, 
 def _merge_adapter(adapter: Path, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
-    from peft import PeftConfig
+    from fabrika.train.sft import adapter_base, check_model, merge_adapter
 
-    from fabrika.train.sft import merge_adapter
-
-    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-    if not base or not (Path(base).exists() or base.count("/") == 1):
-        raise FabrikaError(f"export.model: the adapter {adapter} names base model {base!r}, which is not there")
+    base = adapter_base(check_model(str(adapter), "export.model"))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter)

@@ -22,8 +22,8 @@ from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.train import setup
-from fabrika.train.sft import (ADAPTER_DIR, MODEL_DIR, LoraParams, apply_template, load_base, lora_config,
-                               merge_adapter, model_path, save_generation_contract)
+from fabrika.train.sft import (ADAPTER_DIR, MODEL_DIR, LoraParams, apply_template, check_model, load_base,
+                               lora_config, merge_adapter, model_path, save_generation_contract)
 
 
 def _prefer_train_defaults() -> setup.TrainParams:
@@ -105,7 +105,7 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
 
     precision = setup.check_device(cfg.train)
     set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
-    base = model_path(ctx.resolve_model(ctx.resolve(cfg.model)))
+    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "prefer.model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except OSError as e:

@@ -12,6 +12,7 @@ prompts as training did and stops where the model learned to stop.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -85,6 +86,24 @@ def inputs(cfg: SFTConfig) -> list[str]:
 
 def model_path(ref: str) -> str:
     return ref[3:] if ref.startswith("hf:") else ref
+
+
+def adapter_base(ref: str) -> str | None:
+    """The base model an adapter directory names (None when `ref` is a full model)."""
+    adapter_config = Path(ref) / "adapter_config.json"
+    if not adapter_config.is_file() or (Path(ref) / "config.json").exists():
+        return None
+    return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
+
+
+def check_model(ref: str, setting: str) -> str:
+    """A model directory or Hub id; an adapter directory must name a base model that can be found."""
+    if not (Path(ref).exists() or ref.count("/") == 1):
+        raise FabrikaError(f"{setting}: {ref!r} is neither a model directory nor a Hub id")
+    base = adapter_base(ref)
+    if base is not None and not (base and (Path(base).exists() or base.count("/") == 1)):
+        raise FabrikaError(f"{setting}: the adapter {ref} names base model {base!r}, which is not there")
+    return ref
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -305,9 +324,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     precision = setup.check_device(cfg.train)
     set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
     _check_method(cfg)
-    base = model_path(ctx.resolve_model(ctx.resolve(cfg.model)))
-    if not (Path(base).exists() or base.count("/") == 1):
-        raise FabrikaError(f"sft.model: {base!r} is neither a model directory nor a Hub id")
+    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except OSError as e:
