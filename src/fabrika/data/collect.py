@@ -266,24 +266,32 @@ REFUSAL_QUESTION = ("Below is a user's request and an assistant's answer. Does t
                     "exactly one word: YES or NO.\n\n[Request]\n{question}\n\n[Answer]\n{answer}")
 
 
-def _ask_per_answer(cfg: CollectConfig, ctx: RunContext, kind: str, ref: str, jobs: list[tuple[str, str, list]],
-                    client: dict[str, Any], parse) -> None:
+def _ask_per_answer(ctx: RunContext, kind: str, ref: str, jobs: list[tuple[str, str, list]], client: dict[str, Any],
+                    parse) -> None:
     """Send one judge request per (prompt id, answer key, messages) job; journal a prompt's verdicts
-    once all of its answers are in, so a rerun asks again only for prompts left incomplete."""
+    once all of its answers are in, so a rerun asks again only for prompts left incomplete (a failed
+    request leaves its prompt incomplete: it is never recorded as a verdict)."""
     verdicts: dict[str, list] = defaultdict(list)
     expected = Counter(pid for pid, _, _ in jobs)
+    failed: list[str] = []
 
     def keep(i: int, result) -> None:
         pid, key, _ = jobs[i]
-        text = "" if isinstance(result, Exception) else result[0].text
-        verdicts[pid].append({"key": key, "value": parse(text), "judgment": text})
+        if isinstance(result, Exception):
+            failed.append(f"{pid}: {result}")
+            return
+        verdicts[pid].append({"key": key, "value": parse(result[0].text), "judgment": result[0].text})
         if len(verdicts[pid]) == expected[pid]:
             log.append({"id": pid, "kind": kind, "verdicts": sorted(verdicts[pid], key=lambda g: g["key"])})
 
-    if jobs:
-        with Journal(ctx.stage_dir / JOURNAL) as log:
-            ask_model(ctx.generator_ref(ref), [j[2] for j in jobs], GenerationParams(temperature=0.0, max_new_tokens=1024),
-                client, ctx.quiet, keep)
+    if not jobs:
+        return
+    params = GenerationParams(temperature=0.0, max_new_tokens=1024)
+    with Journal(ctx.stage_dir / JOURNAL) as log:
+        ask_model(ctx.generator_ref(ref), [j[2] for j in jobs], params, client, ctx.quiet, keep)
+    if failed:
+        raise FabrikaError(f"collect: {len(failed)} of {len(jobs)} requests to {ref} failed (first: {failed[0]}); "
+                           "the verdicts received are journaled; run the same command again for the rest")
 
 
 def _classify_refusals(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], client: dict[str, Any]) -> None:
@@ -295,7 +303,7 @@ def _classify_refusals(cfg: CollectConfig, ctx: RunContext, prompts: list[dict],
         for c in candidates(journal, p["id"]):
             user = REFUSAL_QUESTION.format(question=p["messages"][-1]["content"], answer=c["text"])
             jobs.append((p["id"], c["key"], [{"role": "user", "content": user}]))
-    _ask_per_answer(cfg, ctx, "refusal_check", cfg.refusal_judge, jobs, client,
+    _ask_per_answer(ctx, "refusal_check", cfg.refusal_judge, jobs, client,
                     lambda text: text.strip().upper().startswith("YES"))
 
 
@@ -314,7 +322,7 @@ def _grade_candidates(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], 
             user = single["prompt_template"].format(question=p["messages"][-1]["content"], answer=c["text"])
             jobs.append((p["id"], c["key"], [{"role": "system", "content": single["system_prompt"]},
                                              {"role": "user", "content": user}]))
-    _ask_per_answer(cfg, ctx, "grades", cfg.preference.judge, jobs, client, J.parse_rating)
+    _ask_per_answer(ctx, "grades", cfg.preference.judge, jobs, client, J.parse_rating)
 
 
 def _preference_row(cfg: CollectConfig, p: dict, journal: dict, t: Counter) -> dict | None:

@@ -188,10 +188,14 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     verdicts: dict[int, dict[int, str]] = {}
+    failed: list[str] = []
 
     def keep(i: int, result) -> None:
         k, game = divmod(i, 2)
-        verdicts.setdefault(k, {})[game] = f"$ERROR$ {result}" if isinstance(result, Exception) else result[0].text
+        if isinstance(result, Exception):  # not journaled: a rerun judges this match again
+            failed.append(f"question {matches[k]['question']['question_id']}: {result}")
+            return
+        verdicts.setdefault(k, {})[game] = result[0].text
         if len(verdicts[k]) < 2:
             return
         m, (g1, g2) = matches[k], (verdicts[k][0], verdicts[k][1])
@@ -205,6 +209,9 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
 
     params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens)
     ask_model(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep)
+    if failed:
+        raise FabrikaError(f"pairwise judging: {len(failed)} requests failed (first: {failed[0]}); the finished "
+                           f"comparisons are in {out}; run the same command again for the rest")
 
 
 def estimate_judging(conversations: list[list[dict]], judge_model: str) -> dict[str, Any]:
