@@ -19,3 +19,9 @@ def test_shipped_accelerate_configs_load():
         config_path("zero9")
     r = run_cli("accelerate-config", "fsdp")
     assert r.returncode == 0 and r.stdout.strip().endswith("fsdp.yaml")
+
+
+def test_sharded_strategies_refuse_a_cpu_machine(tmp_path):
+    r = run_cli("sft", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                env={"ACCELERATE_USE_FSDP": "true"})
+    assert r.returncode == 2 and "FSDP needs CUDA GPUs" in r.stderr and "torchrun" in r.stderr

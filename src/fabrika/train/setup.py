@@ -90,6 +90,11 @@ def check_device(params: TrainParams) -> str:
         except ImportError:
             raise FabrikaError("train.attn_implementation: flash_attention_2 needs the flash-attn package "
                                "(pip install flash-attn --no-build-isolation), or use sdpa") from None
+    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(var, "").lower() in ("1", "true")]
+    if sharded and not cuda:  # accelerate would start every process as an independent rank 0
+        raise FabrikaError(f"{sharded[0]} needs CUDA GPUs; on CPU launch data parallel instead (torchrun "
+                           "--nproc_per_node N -m fabrika.cli ..., or the ddp accelerate config)")
     if params.precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return params.precision
