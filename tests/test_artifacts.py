@@ -47,3 +47,12 @@ def test_manifest_is_written_last_and_loads_back(tmp_path):
 def test_torn_manifest_counts_as_unfinished(tmp_path):
     (tmp_path / "manifest.json").write_text('{"stage": ')
     assert read_manifest(tmp_path) is None
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from fabrika.artifacts import atomic_write_text
+
+    atomic_write_text(tmp_path / "shared.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

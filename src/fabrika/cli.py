@@ -238,16 +238,17 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
     """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
     from rich.table import Table
 
-    from fabrika.evaluate.scores import fmt, read_judgments, read_pair_judgments, summarise, summarise_pairs
+    from fabrika.evaluate.scores import (fmt, pair_win_rate, read_judgments, read_pair_judgments, summarise,
+                                         summarise_pairs)
 
     if pairwise:
         table = Table(title="MT-Bench (pairwise; disagreement between the two orders = tie)")
         for col in ("models", "model 1 wins", "model 2 wins", "ties", "errors", "model 1 win rate"):
             table.add_column(col, justify="right")
         for pair, c in summarise_pairs(read_pair_judgments(files)).items():
-            decided = c["model_1_wins"] + c["model_2_wins"] + c["ties"]
-            rate = f"{(c['model_1_wins'] + 0.5 * c['ties']) / decided:.0%}" if decided else "—"
-            table.add_row(pair, str(c["model_1_wins"]), str(c["model_2_wins"]), str(c["ties"]), str(c["errors"]), rate)
+            rate = pair_win_rate(c)
+            table.add_row(pair, str(c["model_1_wins"]), str(c["model_2_wins"]), str(c["ties"]), str(c["errors"]),
+                          "—" if rate is None else f"{rate:.0%}")
         console.print(table)
         return
     rows = read_judgments(files)

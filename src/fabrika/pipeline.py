@@ -187,17 +187,33 @@ def _topological(stages: dict[str, Stage], source: str) -> list[Stage]:
     return done
 
 
-def stage_state(pipe: Pipeline, stage: Stage) -> str:
-    """done, stale (finished with another config), interrupted, failed, or pending."""
-    d = pipe.stage_dir(stage.name)
-    manifest = read_manifest(d)
+def disk_state(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
+    """done, stale (finished with another config), failed, interrupted or pending, and the manifest."""
+    manifest = read_manifest(stage_dir)
     if manifest is not None:
-        return "done" if manifest.get("fingerprint") == stage.fingerprint else "stale"
-    if (d / FAILED_FILE).exists():
-        return "failed"
-    if d.exists():
-        return "interrupted"
-    return "pending"
+        return ("done" if manifest.get("fingerprint") == fingerprint else "stale"), manifest
+    if (stage_dir / FAILED_FILE).exists():
+        return "failed", None
+    return ("interrupted" if stage_dir.exists() else "pending"), None
+
+
+def stage_state(pipe: Pipeline, stage: Stage) -> str:
+    return disk_state(pipe.stage_dir(stage.name), stage.fingerprint)[0]
+
+
+def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run directory as `fabrika run` left it: the pipeline spec, and per stage its spec entry with
+    `dir`, `state` and `manifest` ({} until done)."""
+    run_dir = Path(run_dir)
+    spec_file = run_dir / PIPELINE_FILE
+    if not spec_file.exists():
+        raise FabrikaError(f"{run_dir}: not a run directory ({PIPELINE_FILE} missing); run `fabrika run` first")
+    spec = read_json(spec_file)
+    stages = []
+    for s in spec["stages"]:
+        state, manifest = disk_state(run_dir / s["name"], s["fingerprint"])
+        stages.append({**s, "dir": run_dir / s["name"], "state": state, "manifest": manifest or {}})
+    return spec, stages
 
 
 def _select(pipe: Pipeline, only: list[str] | None, start: str | None, force: list[str] | None) -> tuple[set[str], set[str]]:
@@ -375,27 +391,18 @@ def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:
 
 def status_table(run_dir: str | Path) -> Table:
     """The state of every stage of a run directory, from what is on disk."""
-    run_dir = Path(run_dir)
-    spec_file = run_dir / PIPELINE_FILE
-    if not spec_file.exists():
-        raise FabrikaError(f"{run_dir}: not a run directory ({PIPELINE_FILE} missing); run `fabrika run` first")
-    spec = read_json(spec_file)
+    spec, stages = read_run(run_dir)
     table = Table(title=f"run {spec['name']} ({run_dir})")
     for col in ("stage", "kind", "state", "duration", "metrics"):
         table.add_column(col)
-    for s in spec["stages"]:
-        d = run_dir / s["name"]
-        m = read_manifest(d)
-        if m is not None:
-            state = "done" if m.get("fingerprint") == s["fingerprint"] else "stale"
+    for s in stages:
+        state, m = s["state"], s["manifest"]
+        duration, metrics = "", ""
+        if m:
             duration = f"{m.get('duration_s', 0):.1f}s"
             metrics = _format_estimate(key_metrics(m.get("metrics", {})))
-        elif (d / FAILED_FILE).exists():
-            state, duration, metrics = "failed", "", (d / FAILED_FILE).read_text().strip()[:80]
-        elif d.exists():
-            state, duration, metrics = "interrupted", "", ""
-        else:
-            state, duration, metrics = "pending", "", ""
+        elif state == "failed":
+            metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
         colour = {"done": "green", "failed": "red", "interrupted": "yellow", "stale": "yellow"}.get(state, "dim")
         table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)
     return table

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fabrika.artifacts import atomic_write_text, read_json, read_jsonl, read_manifest
-from fabrika.errors import FabrikaError
+from fabrika.artifacts import atomic_write_text, read_json, read_jsonl
+from fabrika.pipeline import read_run
 
 SECTIONS = {"pipeline": "Pipeline", "data": "Datasets", "training": "Training", "evaluation": "Evaluation",
             "gguf": "GGUF export", "reproduce": "Reproduce"}
@@ -38,25 +38,6 @@ details{margin:.4rem 0}
 
 
 # --- collecting what the run left ------------------------------------------------------------
-
-def _stages(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    spec_file = run_dir / "pipeline.json"
-    if not spec_file.exists():
-        raise FabrikaError(f"{run_dir}: not a run directory (pipeline.json missing); run `fabrika run` first")
-    spec = read_json(spec_file)
-    stages = []
-    for s in spec["stages"]:
-        d = run_dir / s["name"]
-        m = read_manifest(d)
-        if m is not None:
-            state = "done" if m.get("fingerprint") == s["fingerprint"] else "stale"
-        elif (d / ".failed").exists():
-            state = "failed"
-        else:
-            state = "interrupted" if d.exists() else "pending"
-        stages.append({**s, "dir": d, "manifest": m or {}, "state": state})
-    return spec, stages
-
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -320,7 +301,7 @@ def reproduce_section(spec: dict[str, Any], stages: list[dict[str, Any]]) -> str
 def build(run_dir: str | Path) -> tuple[Path, Path]:
     """Write report.html and report.md into the run directory; returns their paths."""
     run_dir = Path(run_dir)
-    spec, stages = _stages(run_dir)
+    spec, stages = read_run(run_dir)
     overview = _table(["stage", "kind", "state", "duration"],
                       [[s["name"], s["kind"], s["state"], _duration(s["manifest"]["duration_s"])
                         if s["manifest"].get("duration_s") is not None else None] for s in stages])

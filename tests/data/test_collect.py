@@ -166,3 +166,17 @@ def test_preference_pairs_teacher_over_student_and_llm_refusal_check(server, tmp
     assert kept and all(len(t) % 2 == 1 for t in kept)
     dropped = art.metrics["by_language"]["en"].get("dropped:refusal_llm", 0)
     assert dropped > 0 and dropped + len(kept) == 12
+
+
+def test_failed_judge_requests_are_never_recorded_as_verdicts(server, tmp_path):
+    with scripted_server(lambda m: "NO") as classifier, \
+            FaultProxy(classifier.removesuffix("/v1"), ["500"] * 3) as flaky:
+        cfg = collect.CONFIG(source=str(SAMPLE), quota={"en": 3}, teacher=f"openai:tiny@{server.url}", max_tokens=8,
+                             filters=["empty"], refusal_judge=f"openai:c@{flaky.url}", client={"max_retries": 0})
+        ctx = RunContext(stage="c", kind="collect", stage_dir=tmp_path / "r", quiet=True)
+        with pytest.raises(FabrikaError, match="3 of 3 requests .* failed.*run the same command again"):
+            collect.run(cfg, ctx)
+        journal = list(read_jsonl(tmp_path / "r" / collect.JOURNAL))
+        assert [r["kind"] for r in journal] == ["answer"] * 3  # answers kept, no verdict from a failure
+        art = collect.run(cfg, ctx)  # the judge is back: only its requests are sent again
+        assert flaky.received == 6 and art.metrics["kept"] == 3

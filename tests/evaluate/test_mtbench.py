@@ -257,3 +257,26 @@ def test_leaderboard_across_result_folders(tmp_path):
     names = [line.split(" | ")[1] for line in rows]
     assert names[0] == "beta" and names.index("alpha") > names.index("gpt-3.5-turbo (published)")
     assert run_cli("eval", "leaderboard", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_failed_pairwise_requests_are_judged_again(tmp_path, chat_model):
+    from helpers import scripted_server
+
+    from fabrika.infer.proxy import FaultProxy
+
+    questions = M.load_questions("mt_bench")[0][:1]
+    baseline = write_jsonl(tmp_path / "ref.jsonl", [{"question_id": questions[0]["question_id"], "answer_id": "x",
+                                                     "model_id": "reference", "tstamp": 0,
+                                                     "choices": [{"index": 0, "turns": ["WINNER", "WINNER"]}]}])
+    with scripted_server(_pair_verdict) as judge, FaultProxy(judge.removesuffix("/v1"), ["500"] * 4) as flaky:
+        cfg = stage.CONFIG(model=f"hf:{chat_model}", model_id="tiny",
+                           mtbench={"bench": "mt_bench", "judge": f"openai:j@{flaky.url}", "questions": 1,
+                                    "max_new_tokens": 8, "mode": "pairwise", "baseline": str(baseline),
+                                    "client": {"max_retries": 0, "concurrency": 1}})
+        ctx = RunContext(stage="evaluate", kind="evaluate", stage_dir=tmp_path / "ev", quiet=True)
+        with pytest.raises(FabrikaError, match="pairwise judging: 4 requests failed"):
+            stage.run(cfg, ctx)
+        pair_file = tmp_path / "ev" / "mt_bench" / "model_judgment" / "j_pair.jsonl"
+        assert not list(read_jsonl(pair_file))  # no comparison recorded from a failed request
+        res = json.loads(stage.run(cfg, ctx).path.read_text())["mtbench"]["mt_bench"]["pairwise"]
+        assert res["losses"] == 2 and res["errors"] == 0

@@ -98,6 +98,12 @@ def summarise_pairs(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def pair_win_rate(counts: dict[str, int]) -> float | None:
+    """Model 1's share of decided comparisons, a tie counting half (errors left out)."""
+    decided = counts["model_1_wins"] + counts["model_2_wins"] + counts["ties"]
+    return (counts["model_1_wins"] + 0.5 * counts["ties"]) / decided if decided else None
+
+
 def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
 

@@ -20,7 +20,7 @@ from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.evaluate import mtbench as M
-from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, summarise, summarise_pairs
+from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, pair_win_rate, summarise, summarise_pairs
 
 
 class MTBenchParams(Config):
@@ -189,11 +189,10 @@ def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: di
     _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], judge_name, jref)
     M.run_pair_judging(matches, jref, pair_file, options, quiet=ctx.quiet, max_tokens=p.judge_max_tokens)
     rows = [r for r in read_jsonl(pair_file) if (r["model_1"], r["model_2"]) == (model_id, baseline_id)]
-    c = summarise_pairs(rows).get(f"{model_id} vs {baseline_id}", {})
-    decided = c.get("model_1_wins", 0) + c.get("model_2_wins", 0) + c.get("ties", 0)
-    return {"baseline": baseline_id, "wins": c.get("model_1_wins", 0), "losses": c.get("model_2_wins", 0),
-            "ties": c.get("ties", 0), "errors": c.get("errors", 0),
-            "win_rate": (c.get("model_1_wins", 0) + 0.5 * c.get("ties", 0)) / decided if decided else None}
+    c = summarise_pairs(rows).get(f"{model_id} vs {baseline_id}",
+                                  {"model_1_wins": 0, "model_2_wins": 0, "ties": 0, "errors": 0})
+    return {"baseline": baseline_id, "wins": c["model_1_wins"], "losses": c["model_2_wins"], "ties": c["ties"],
+            "errors": c["errors"], "win_rate": pair_win_rate(c)}
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
