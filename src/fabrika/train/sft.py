@@ -27,7 +27,7 @@ from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models.templates import get_template
-from fabrika.train import setup
+from fabrika.train import lm_head, setup
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -363,6 +363,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
                          callbacks=setup.make_callbacks(out, tokens_per_step,
                                                         setup.flops_per_token(model.config, cfg.max_length),
                                                         setup.peak_flops(cfg.train)))
+    lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model)
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
