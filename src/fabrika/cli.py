@@ -74,6 +74,7 @@ def run(
 ) -> None:
     """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
     from fabrika.pipeline import load_pipeline, run_pipeline, status_table
+    from fabrika.train.setup import is_main_process
 
     pipe = load_pipeline(pipeline, set_)
     if json_logs:
@@ -82,7 +83,7 @@ def run(
         json_logs_to_stdout()
     run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console,
                  json_logs=json_logs)
-    if not dry_run and not json_logs:
+    if not dry_run and not json_logs and is_main_process():
         console.print(status_table(pipe.run_dir))
 
 

@@ -34,6 +34,7 @@ from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, fingerpr
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError
 from fabrika.logs import event, stage_output
+from fabrika.ranks import JOIN, NEXT, Ranks
 
 # Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
 STAGES: dict[str, str] = {
@@ -46,6 +47,9 @@ STAGES: dict[str, str] = {
     "export": "fabrika.export.stage",
     "evaluate": "fabrika.evaluate.stage",
 }
+
+# Kinds that every process of a multi-process launch runs together; rank 0 runs the others alone.
+DISTRIBUTED = {"pretrain", "sft", "prefer"}
 
 PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
 FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
@@ -242,12 +246,19 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
         return {}
 
     pipe.run_dir.mkdir(parents=True, exist_ok=True)
+    ranks = Ranks(pipe.run_dir)
+    if not ranks.leader:
+        for stage in pipe.stages:
+            if ranks.hear(stage.name) == JOIN:
+                stage.module.run(stage.cfg, pipe.context(stage, quiet=True))
+        return {}
     atomic_write_json(pipe.run_dir / PIPELINE_FILE, {
         "name": pipe.cfg.name, "source": pipe.source, "seed": pipe.cfg.seed,
         "stages": [{"name": s.name, "kind": s.kind, "fingerprint": s.fingerprint, "deps": s.deps} for s in pipe.stages],
     })
     handler = _attach_run_log(pipe.run_dir)
     results: dict[str, Artifact] = {}
+    error: BaseException | None = None
     t0 = time.time()
     try:
         for stage in pipe.stages:
@@ -256,23 +267,30 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
             if stage.name not in selected:
                 if state == "done":
                     results[stage.name] = Artifact.load(d)
+                ranks.tell(stage.name, NEXT)
                 continue
             if state == "done" and stage.name not in forced:
                 console.print(f"[green]✓[/] {stage.name}: cached (fingerprint {stage.fingerprint})")
                 event(log, f"{stage.name}: cached", event="stage_cached", stage=stage.name,
                       fingerprint=stage.fingerprint)
                 results[stage.name] = Artifact.load(d)
+                ranks.tell(stage.name, NEXT)
                 continue
             missing = [dep for dep in stage.deps if stage_state(pipe, pipe.stage(dep)) != "done"]
             if missing:
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
                                    f"(run without --only, or with --only {' '.join(missing)})")
             results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
-                                            quiet=quiet, console=console, json_logs=json_logs)
+                                            quiet=quiet, console=console, json_logs=json_logs, ranks=ranks)
+    except BaseException as e:
+        error = e
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
         _write_report(pipe.run_dir, console)
+        if error is not None:  # last: the launcher stops rank 0 as soon as another rank exits
+            ranks.abort(str(error) or type(error).__name__)
     console.print(f"pipeline {pipe.cfg.name}: finished in {time.time() - t0:.1f}s")
     event(log, f"pipeline {pipe.cfg.name}: finished", event="pipeline_done", pipeline=pipe.cfg.name,
           seconds=round(time.time() - t0, 3), run_dir=str(pipe.run_dir))
@@ -295,7 +313,7 @@ def _write_report(run_dir: Path, console: Console) -> None:
 
 
 def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console,
-              json_logs: bool = False) -> Artifact:
+              json_logs: bool = False, ranks: Ranks | None = None) -> Artifact:
     d = pipe.stage_dir(stage.name)
     fp_file = d / FINGERPRINT_FILE
     previous = fp_file.read_text().strip() if fp_file.exists() else None
@@ -307,6 +325,9 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
     d.mkdir(parents=True, exist_ok=True)
     (d / FAILED_FILE).unlink(missing_ok=True)
     fp_file.write_text(stage.fingerprint + "\n")
+    distributed = ranks is not None and stage.kind in DISTRIBUTED
+    if distributed:
+        ranks.tell(stage.name, JOIN)
     verb = "resuming" if resumed else "running"
     console.rule(f"[bold]{stage.name}[/] ({stage.kind}) — {verb}")
     event(log, f"{stage.name}: {verb} ({stage.kind})", event="stage_started", stage=stage.name, kind=stage.kind,
@@ -323,6 +344,8 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
             event(log, f"{stage.name} failed: {e}", logging.ERROR, event="stage_failed", stage=stage.name,
                   error=str(e))
         raise
+    if ranks is not None and not distributed:
+        ranks.tell(stage.name, NEXT)
     took = time.time() - ctx.started
     console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s")
     event(log, f"{stage.name}: done in {took:.1f}s, metrics {artifact.metrics}", event="stage_done",

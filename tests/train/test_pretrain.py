@@ -83,22 +83,44 @@ def test_killed_run_resumes_exactly(tmp_path, prepared):
 
 
 @pytest.mark.slow
-def test_ddp_with_two_cpu_processes(tmp_path, prepared):
-    cfg = write_config(tmp_path / "c.yaml", prepared, max_steps=6, eval_steps=6, batch_size=4)
-    out = tmp_path / "ddp"
+def test_pipeline_under_a_two_process_launch(tmp_path, small_corpus):
+    """`fabrika run` under torchrun: rank 0 alone makes the tokenizer and the shards, both processes
+    pretrain through DDP, and a second launch finds every stage cached."""
+    run = tmp_path / "run"
+    corpus = {"paths": [str(small_corpus)]}
+    pipe = tmp_path / "ddp.yaml"
+    pipe.write_text(yaml.safe_dump({"name": "ddp", "run_dir": str(run), "stages": {
+        "tokenizer": {**corpus, "vocab_size": 512},
+        "prepare": {**corpus, "tokenizer": "tokenizer", "shard_mb": 0.05, "val_fraction": 0.05},
+        "pretrain": yaml.safe_load(write_config(tmp_path / "p.yaml", Path("prepare"), max_steps=6, eval_steps=6,
+                                                batch_size=4).read_text()),
+    }}))
     with socket.socket() as sock:  # a free port: torchrun's port 0 does not work with its static rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port), "-m", "fabrika.cli"]
-    r = run_cli("pretrain", "--config", str(cfg), "--out", str(out), "--quiet", launcher=torchrun,
-                env={"OMP_NUM_THREADS": "1"})
+    r = run_cli("run", str(pipe), "--quiet", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
-    m = read_manifest(out)
+    words = sorted(p.name for p in (run / ".ranks").glob("*/*"))
+    assert words == ["prepare.next", "pretrain.join", "tokenizer.next"]
+    log = (run / "run.log").read_text(encoding="utf-8")
+    assert log.count("prepare: running") == 1
+    m = read_manifest(run / "pretrain")
     assert m["metrics"]["world_size"] == 2
     # 2 processes × batch 4 × 64 tokens per optimizer step
     assert m["metrics"]["train_tokens"] == 6 * 2 * 4 * 64
-    assert (out / "model" / "model.safetensors").exists()
+    assert (run / "pretrain" / "model" / "model.safetensors").exists()
+
+    r = run_cli("run", str(pipe), "--quiet", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(p.name for p in (run / ".ranks").glob("*/*")) == ["prepare.next", "pretrain.next", "tokenizer.next"]
+
+    (tmp_path / "empty").mkdir()  # a stage that fails on rank 0 stops the other rank too, with its message
+    pipe.write_text(pipe.read_text().replace(str(small_corpus), str(tmp_path / "empty")))
+    r = run_cli("run", str(pipe), "--quiet", launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "rank 0 stopped the run ('tokenizer' and later stages will not run): paths:" in r.stderr
 
 
 def test_trackers_tensorboard_and_wandb_offline(tmp_path, prepared):

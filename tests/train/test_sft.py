@@ -63,6 +63,15 @@ def test_full_sft_memorises_and_stops_through_chat(tmp_path, plain_base):
         assert answer == a, (q, answer)  # exactly the answer: it stopped at <|im_end|> by itself
 
 
+def test_auto_kernels_on_a_cpu_machine():
+    from fabrika.train import setup
+
+    params = setup.TrainParams()
+    assert setup.attention(params, "bf16", fine_tuning=True) == "sdpa"  # flash attention needs CUDA
+    assert setup.attention(params.model_copy(update={"attn_implementation": "eager"}), "bf16", True) == "eager"
+    assert sft.batching_mode(sft.CONFIG(model="m", data="d.jsonl"), "fp32") == "grouped"
+
+
 def test_lora_sharegpt_with_adapter_and_merge(tmp_path, plain_base):
     cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path, "sharegpt")), method="lora",
                      lora={"r": 8, "alpha": 16}, train={"max_steps": 20, "lr": 5e-3})
@@ -77,16 +86,19 @@ def test_lora_sharegpt_with_adapter_and_merge(tmp_path, plain_base):
     assert stats["overlong"] == 0 and list(stats["sources"].values())[0]["rows"] == 12
 
 
-def test_assistant_only_loss_masks_the_prompt(plain_base):
+@pytest.mark.parametrize("template,trained", [("chatml", "hello<|im_end|>"), ("llama3", "hello<|eot_id|>"),
+                                              ("mistral", " hello<|endoftext|>")])
+def test_assistant_only_loss_masks_the_prompt(plain_base, template, trained):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(plain_base)
-    sft.apply_template(tok, None, "chatml", need_generation_marker=True)
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    eot, _ = sft.apply_template(tok, None, template, need_generation_marker=True)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
     enc = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = enc["input_ids"], enc["assistant_masks"]
-    trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "hello<|im_end|>"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == trained
+    assert trained.endswith(eot)  # the token training ends each answer with is the one generation stops at
 
 
 def test_mixing_weights_and_overlong_drop(tmp_path, plain_base):

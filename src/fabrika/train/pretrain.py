@@ -105,13 +105,15 @@ def _tokenizer_path(cfg: PretrainConfig, ctx: RunContext, data_dir: Path, index:
     return str(data_dir / index.get("tokenizer", "tokenizer"))
 
 
-def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer):
+def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    attention = setup.attention(cfg.train, precision)
+
     if cfg.init_from:
         source = ctx.resolve(cfg.init_from)
-        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=cfg.train.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention)
         hf_config = model.config
     else:
         hf_config = cfg.model.to_hf_config(vocab_size=len(tokenizer))
@@ -119,7 +121,7 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer):
         hf_config.eos_token_id = tokenizer.eos_token_id
         hf_config.pad_token_id = tokenizer.pad_token_id
         torch.manual_seed(ctx.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.train.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
     positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if positions and cfg.seq_len > positions:
         raise FabrikaError(f"pretrain.seq_len: {cfg.seq_len} exceeds the model's {positions} positions "
@@ -158,7 +160,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     data_dir = _data_dir(cfg, ctx)
     index = read_index(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg, ctx, data_dir, index))
-    model = _build_model(cfg, ctx, tokenizer)
+    model = _build_model(cfg, ctx, tokenizer, precision)
     train_ds, val_ds = _load_data(cfg, data_dir, index)
 
     out = ctx.stage_dir

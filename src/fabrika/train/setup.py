@@ -45,8 +45,9 @@ class TrainParams(Config):
         "auto", description="auto = bf16 on a GPU that supports it, else fp32. fp16 needs CUDA.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile the model (helps on GPUs, slow to start).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package. auto = "
+        "flash_attention_2 for fine-tuning in bf16/fp16 on CUDA where flash-attn is installed, else sdpa.")
     logging_steps: int = Field(10, ge=1, description="Log loss, lr, tokens/s and MFU every N steps.")
     eval_steps: int | None = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
     eval_samples: int = Field(256, ge=1, description="Validation sequences used per evaluation (at most).")
@@ -98,6 +99,22 @@ def check_device(params: TrainParams) -> str:
     if params.precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return params.precision
+
+
+def attention(params: TrainParams, precision: str, fine_tuning: bool = False) -> str:
+    """`auto`: flash attention where fine-tuning can use it, because its variable-length kernels are what
+    make padding-free packed batches pay (see sft.batching_mode); SDPA otherwise, which on CUDA already
+    runs a flash kernel for the unpadded, fixed-length sequences of pretraining."""
+    if params.attn_implementation != "auto":
+        return params.attn_implementation
+    import importlib.util
+
+    import torch
+
+    if (fine_tuning and precision in ("bf16", "fp16") and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def peak_flops(params: TrainParams) -> float | None:

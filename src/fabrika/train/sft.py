@@ -184,7 +184,7 @@ def load_base(path: str, cfg: SFTConfig, precision: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": cfg.train.attn_implementation}
+    kwargs: dict[str, Any] = {"attn_implementation": setup.attention(cfg.train, precision, fine_tuning=True)}
     if precision == "bf16":
         kwargs["dtype"] = torch.bfloat16
     if cfg.method == "qlora":
@@ -282,7 +282,7 @@ def _trainer_class(base: type, batching: str, seed: int) -> type:
     return GroupedTrainer
 
 
-def batching_mode(cfg: SFTConfig) -> str:
+def batching_mode(cfg: SFTConfig, precision: str) -> str:
     """Packing without padding pays off only where attention takes packed sequences natively (flash
     attention's varlen kernels on CUDA); with SDPA the packed batch becomes one long masked sequence,
     and batches of similar length waste less. Measured in bench/sft_throughput.py."""
@@ -290,7 +290,8 @@ def batching_mode(cfg: SFTConfig) -> str:
         return cfg.batching
     import torch
 
-    return "packed" if torch.cuda.is_available() and cfg.train.attn_implementation == "flash_attention_2" else "grouped"
+    flash = setup.attention(cfg.train, precision, fine_tuning=True) == "flash_attention_2"
+    return "packed" if torch.cuda.is_available() and flash else "grouped"
 
 
 def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
         ds, eval_ds = parts["train"], parts["test"]
 
     out = ctx.stage_dir
-    batching = batching_mode(cfg)
+    batching = batching_mode(cfg, precision)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
     args = setup.trainer_arguments(
         cfg.train, out, precision, ctx.seed, cls=TRLConfig,
