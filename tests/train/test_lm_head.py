@@ -61,9 +61,13 @@ def test_compact_head_matches_trl_kernel(chat_model, lora):
     assert compact_model(input_ids=ids).logits.shape == (3, 24, compact_model.config.vocab_size)
 
 
-def test_scaled_logits_keep_trl_kernel(chat_model):
+def test_unpatched_models_and_scaled_logits_are_left_alone(chat_model):
     from transformers import AutoModelForCausalLM
 
+    from trl.trainer.utils import add_fused_lm_head
+
     model = AutoModelForCausalLM.from_pretrained(chat_model)
+    assert not use_compact_head(model)  # no head of TRL's to replace
+    add_fused_lm_head(model)
     model.config.final_logit_softcapping = 30.0
     assert not use_compact_head(model)

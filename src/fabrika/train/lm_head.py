@@ -27,6 +27,8 @@ def use_compact_head(model: Any) -> bool:
         from trl.trainer.utils import FusedCausalLMOutput
     except ImportError:  # a TRL without the fused head computes the loss from full logits anyway
         return False
+    if "forward" not in vars(model):  # TRL did not install its head: nothing asks for fused_lm_head
+        return False
     config = model.config.get_text_config()
     if any(getattr(config, name, None) is not None for name in _SCALED_LOGITS):
         return False
