@@ -27,11 +27,11 @@ import json, sys, time, statistics
 def peak_rss():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's over exec)
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 a = json.loads(sys.argv[1])
-if a["variant"].startswith("fabrika"):
+if a["variant"] != "baseline":
     from fabrika.artifacts import RunContext, read_jsonl
     from fabrika.train import sft
     cfg = sft.CONFIG(model=a["model"], data=a["data"], method="full", max_length=a["seq"], eval_fraction=0,
-                     batching=a["batching"],
+                     batching=a["variant"],
                      train={"max_steps": a["steps"], "batch_size": a["batch"], "grad_accum": 1, "logging_steps": 1,
                             "eval_steps": None, "save_steps": 100000, "lr": 1e-4})
     sft.run(cfg, RunContext(stage="s", kind="sft", stage_dir=a["out"], quiet=True))
@@ -104,8 +104,9 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,packed,grouped",
                     help="which to run (packing is slow on CPU: leave it out for the larger models)")
     args = ap.parse_args()
-    names = {"baseline": "baseline", "packed": "fabrika", "grouped": "fabrika-grouped"}
-    variants = [names[v] for v in args.variants.split(",")]
+    variants = args.variants.split(",")
+    if not set(variants) <= {"baseline", "packed", "grouped"}:
+        ap.error("--variants: baseline, packed, grouped")
     if "baseline" not in variants:
         ap.error("--variants must include baseline: the ratios are against it")
     from rich.console import Console
@@ -119,7 +120,6 @@ def main() -> None:
         for r in range(args.rounds):
             for variant in variants:
                 spec = {"variant": variant, "model": str(model), "data": str(work / "chat.jsonl"), "steps": args.steps,
-                        "batching": "packed" if variant == "fabrika" else "grouped",
                         "batch": args.batch, "seq": args.seq, "out": str(work / f"{variant}-{r}")}
                 out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
                 if out.returncode:
@@ -130,8 +130,8 @@ def main() -> None:
                   caption=f"median of {args.rounds} interleaved rounds")
     for col in ("variant", "trained tokens/s", "peak RSS", "ratio"):
         table.add_column(col, justify="right")
-    for v, label in (("baseline", "Trainer, pad to longest"), ("fabrika", "fabrika sft (packed)"),
-                     ("fabrika-grouped", "fabrika sft (length-grouped)")):
+    for v, label in (("baseline", "Trainer, pad to longest"), ("packed", "fabrika sft (packed)"),
+                     ("grouped", "fabrika sft (length-grouped)")):
         if v not in results:
             continue
         rss = max(x["peak_rss"] for x in results[v]) / 2**20

@@ -281,7 +281,7 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
                                    f"(run without --only, or with --only {' '.join(missing)})")
             results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
-                                            quiet=quiet, console=console, json_logs=json_logs, ranks=ranks)
+                                            quiet=quiet, console=console, ranks=ranks, json_logs=json_logs)
     except BaseException as e:
         error = e
         raise
@@ -313,7 +313,7 @@ def _write_report(run_dir: Path, console: Console) -> None:
 
 
 def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console,
-              json_logs: bool = False, ranks: Ranks | None = None) -> Artifact:
+              ranks: Ranks, json_logs: bool = False) -> Artifact:
     d = pipe.stage_dir(stage.name)
     fp_file = d / FINGERPRINT_FILE
     previous = fp_file.read_text().strip() if fp_file.exists() else None
@@ -325,7 +325,7 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
     d.mkdir(parents=True, exist_ok=True)
     (d / FAILED_FILE).unlink(missing_ok=True)
     fp_file.write_text(stage.fingerprint + "\n")
-    distributed = ranks is not None and stage.kind in DISTRIBUTED
+    distributed = stage.kind in DISTRIBUTED
     if distributed:
         ranks.tell(stage.name, JOIN)
     verb = "resuming" if resumed else "running"
@@ -344,7 +344,7 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
             event(log, f"{stage.name} failed: {e}", logging.ERROR, event="stage_failed", stage=stage.name,
                   error=str(e))
         raise
-    if ranks is not None and not distributed:
+    if not distributed:
         ranks.tell(stage.name, NEXT)
     took = time.time() - ctx.started
     console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s")

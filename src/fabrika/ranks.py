@@ -10,7 +10,6 @@ directory. The run directory must be shared by every node, as the training input
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from fabrika.artifacts import atomic_write_text
 from fabrika.errors import FabrikaError
+from fabrika.train.setup import is_main_process, world_size
 
 JOIN, NEXT, ABORT = "join", "next", "abort"
 POLL_S = 0.5
@@ -25,19 +25,14 @@ POLL_S = 0.5
 
 class Ranks:
     def __init__(self, run_dir: Path) -> None:
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.leader = is_main_process()
         self.dir: Path | None = None
-        if self.world > 1:
+        if world_size() > 1:
             root = run_dir / ".ranks"
-            self.dir = root / _launch_id(self.rank)
+            self.dir = root / _launch_id(self.leader)
             if self.leader:  # messages of earlier launches are dead; this one's directory is new
                 shutil.rmtree(root, ignore_errors=True)
                 self.dir.mkdir(parents=True)
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
 
     def tell(self, stage: str, word: str) -> None:
         """Rank 0: `join` (the stage directory is ready, train together) or `next` (done or skipped)."""
@@ -61,13 +56,13 @@ class Ranks:
             time.sleep(POLL_S)
 
 
-def _launch_id(rank: int) -> str:
+def _launch_id(leader: bool) -> str:
     """One id per launch, chosen by rank 0 and broadcast over the process group the training stages
     will use anyway (accelerate's, with the launcher's backend and device)."""
     import torch.distributed as dist
     from accelerate import PartialState
 
     PartialState()
-    box = [uuid.uuid4().hex if rank == 0 else None]
+    box = [uuid.uuid4().hex if leader else None]
     dist.broadcast_object_list(box, src=0)
     return str(box[0])

@@ -23,7 +23,7 @@ def _pair(chat_model, lora: bool):
         inner = model.get_base_model() if lora else model
         add_fused_lm_head(inner, outputs=("log_probs", "entropy", "is_top1"))
         if compact:
-            assert use_compact_head(inner)
+            assert use_compact_head(inner, torch.device("cpu"))
         models.append(model)
     return models
 
@@ -62,12 +62,12 @@ def test_compact_head_matches_trl_kernel(chat_model, lora):
 
 
 def test_unpatched_models_and_scaled_logits_are_left_alone(chat_model):
+    import torch
     from transformers import AutoModelForCausalLM
-
     from trl.trainer.utils import add_fused_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(chat_model)
-    assert not use_compact_head(model)  # no head of TRL's to replace
+    assert not use_compact_head(model, torch.device("cpu"))  # no head of TRL's to replace
     add_fused_lm_head(model)
     model.config.final_logit_softcapping = 30.0
-    assert not use_compact_head(model)
+    assert not use_compact_head(model, torch.device("cpu"))

@@ -48,6 +48,7 @@ def test_full_sft_memorises_and_stops_through_chat(tmp_path, plain_base):
     cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="full", train={"max_steps": 160})
     art = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True))
     model_dir = art.path
+    assert art.metrics["loss_head"] == "labelled positions"  # on CPU, not TRL's every-position kernel
     gen = json.loads((model_dir / "generation_config.json").read_text())
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert "<|im_end|>" in json.dumps(tok_cfg) or "<|im_end|>" in (model_dir / "tokenizer.json").read_text()

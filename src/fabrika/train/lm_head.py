@@ -1,7 +1,7 @@
 """The SFT loss head on devices without Triton (CPU).
 
 TRL replaces the model's LM head by a chunked log-prob kernel that never builds the full logits. On
-CUDA it scores only the positions that carry a label; elsewhere it scores every position (prompt and
+CUDA (with Triton) it scores only the positions that carry a label; elsewhere it scores every position (prompt and
 padding included, so that tile shapes stay fixed for compilers) in tiles folded by many small torch
 ops, and recomputes the projection in backward. On a CPU that kernel was 76 % of an SFT step on the
 bench model. Here the head runs once over the labelled positions only, with one log-softmax, which
@@ -17,15 +17,19 @@ _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
                   "logits_scaling")
 
 
-def use_compact_head(model: Any) -> bool:
-    """Wrap the forward TRL installed so that `fused_lm_head=True` calls on a device without Triton
-    score labelled positions only. Returns whether the wrap was applied."""
+def use_compact_head(model: Any, device: Any) -> bool:
+    """Wrap the forward TRL installed so that its `fused_lm_head=True` calls score labelled positions
+    only, when training runs on `device` and TRL would score every position there. Returns whether
+    the wrap was applied."""
     import functools
     import types
 
     try:
+        from trl.kernels.chunked_logprob import _use_triton
         from trl.trainer.utils import FusedCausalLMOutput
     except ImportError:  # a TRL without the fused head computes the loss from full logits anyway
+        return False
+    if _use_triton(device):  # TRL's kernel already skips unlabelled positions there
         return False
     if "forward" not in vars(model):  # TRL did not install its head: nothing asks for fused_lm_head
         return False
@@ -36,8 +40,7 @@ def use_compact_head(model: Any) -> bool:
 
     @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
-        if (not fused_lm_head or kwargs.get("shift_labels") is not None or kwargs.get("output_router_logits")
-                or _has_triton(self.get_output_embeddings().weight.device)):
+        if not fused_lm_head or kwargs.get("shift_labels") is not None or kwargs.get("output_router_logits"):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         import torch
@@ -63,9 +66,3 @@ def use_compact_head(model: Any) -> bool:
 
     model.forward = types.MethodType(forward, model)
     return True
-
-
-def _has_triton(device: Any) -> bool:
-    from transformers.utils import is_triton_available
-
-    return device.type in ("cuda", "xpu") and is_triton_available()

@@ -288,10 +288,7 @@ def batching_mode(cfg: SFTConfig, precision: str) -> str:
     and batches of similar length waste less. Measured in bench/sft_throughput.py."""
     if cfg.batching != "auto":
         return cfg.batching
-    import torch
-
-    flash = setup.attention(cfg.train, precision, fine_tuning=True) == "flash_attention_2"
-    return "packed" if torch.cuda.is_available() and flash else "grouped"
+    return "packed" if setup.attention(cfg.train, precision, fine_tuning=True) == "flash_attention_2" else "grouped"
 
 
 def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
@@ -364,14 +361,15 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
                          callbacks=setup.make_callbacks(out, tokens_per_step,
                                                         setup.flops_per_token(model.config, cfg.max_length),
                                                         setup.peak_flops(cfg.train)))
-    lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model)
+    compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
+                                       trainer.args.device)
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
                                "conversations": len(ds), **length_stats, "world_size": setup.world_size(),
-                               "batching": batching}
+                               "batching": batching, "loss_head": "labelled positions" if compact else "trl"}
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
