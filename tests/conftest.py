@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+@pytest.fixture(autouse=True)
+def own_response_cache(tmp_path, monkeypatch):
+    """Each test (and the fabrika processes it starts) gets its own response cache, never the user's."""
+    monkeypatch.setenv("FABRIKA_CACHE_DIR", str(tmp_path / "response-cache"))
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """~150 KB in three languages: enough for a tokenizer and a few hundred training sequences."""

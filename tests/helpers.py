@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,17 +30,59 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+FABRIKA = str(Path(sys.executable).parent / "fabrika")  # the installed console script, as users run it
+
+
+def run_fabrika(*args: str, env: dict | None = None, timeout: int = 300,
+                kill_when: Callable[[], bool] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `fabrika ARGS` as a user would. With `kill_when`, SIGKILL it the moment that
+    turns true (checked every few milliseconds): a crash, an OOM kill or a lost node, at a point the
+    test chooses, with whatever requests it had in flight."""
+    proc = subprocess.Popen([FABRIKA, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    if kill_when is not None:
+        def watch() -> None:
+            while proc.poll() is None:
+                if kill_when():
+                    proc.kill()
+                    return
+                time.sleep(0.002)
+
+        threading.Thread(target=watch, daemon=True).start()
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def paid(log: list[dict]) -> Counter:
+    """How many times each conversation was answered (HTTP 200) in a `scripted_server` log."""
+    return Counter(json.dumps(e["body"]["messages"], ensure_ascii=False) for e in log if e["status"] == 200)
+
+
 @contextmanager
-def scripted_server(reply: Callable[[list[dict]], str]) -> Iterator[str]:
+def scripted_server(reply: Callable[[list[dict]], str], log: list[dict] | None = None, down_first: int = 0,
+                    down_while: Path | None = None) -> Iterator[str]:
     """A real OpenAI-compatible HTTP endpoint on loopback whose answers follow a rule: the stand-in for a
-    remote judge (GPT-4o) whose verdicts a test must know in advance. Yields its /v1 URL."""
+    remote teacher or judge (GPT-4o) whose answers a test must know in advance. Yields its /v1 URL.
+
+    `log` receives every request as it arrives, {"body": the JSON body, "status": the HTTP status
+    sent}: the test's own witness of what was asked and paid for (status 200). The server answers
+    503 to its first `down_first` requests, and while the file `down_while` exists."""
     import uvicorn
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
     app = FastAPI()
+    seen = [0]
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
+        seen[0] += 1
+        down = seen[0] <= down_first or (down_while is not None and down_while.exists())
+        entry = {"body": body, "status": 503 if down else 200}
+        if log is not None:
+            log.append(entry)
+        if down:
+            return JSONResponse({"error": {"message": "the server is down", "type": "unavailable"}}, status_code=503)
         text = reply(body["messages"])
         return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -60,10 +61,35 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def cut_torn_tail(path: str | Path) -> int:
+    """Cut a JSONL file back to its last newline and return the bytes removed: a write interrupted by
+    kill -9 or a full disk leaves a partial last line, and a row appended after it would be glued onto
+    it, turning two rows into one line that no reader can parse."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "r+b") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:  # back to just after the last newline, reading 64 KiB at a time
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            nl = f.read(step).rfind(b"\n")
+            if nl != -1:
+                pos = pos - step + nl + 1
+                break
+            pos -= step
+        if pos < end:
+            f.truncate(pos)
+            os.fsync(f.fileno())
+            print(f"{path}: cut a torn last line ({end - pos} bytes) left by an interrupted write", file=sys.stderr)
+        return end - pos
+
+
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]], fsync: bool = True) -> None:
     """Append rows to a JSONL journal; each row is one line, so a crash can only cut the last one."""
     if not rows:
         return
+    cut_torn_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
         f.flush()
@@ -78,6 +104,7 @@ class Journal:
 
     def __init__(self, path: str | Path, sync_every_s: float = 1.0) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cut_torn_tail(path)
         self.file = open(path, "a", encoding="utf-8")
         self.sync_every_s = sync_every_s
         self.synced = time.monotonic()
@@ -102,17 +129,31 @@ class Journal:
         self.close()
 
 
+_REPORTED: set[tuple[str, int]] = set()  # corrupt lines already named, so a reread stays quiet
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL journal, ignoring a last line cut short by a crash."""
+    """Rows of a JSONL journal. A last line cut short by a crash is ignored; a corrupt line anywhere
+    else (a disk error, an edit by hand) is named with its line number and skipped: one bad row
+    must not make every answer paid for before and after it unreadable."""
     path = Path(path)
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
                 break  # torn final write
-            if line.strip():
-                yield json.loads(line)
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if isinstance(row, dict):
+                yield row
+            elif (str(path), n) not in _REPORTED:
+                _REPORTED.add((str(path), n))
+                print(f"{path}:{n}: not a JSON object, skipped", file=sys.stderr)
 
 
 # --- hashing -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class Config(BaseModel):
 
 
 C = TypeVar("C", bound=BaseModel)
+SECRET = re.compile(r"key|token|password|secret", re.IGNORECASE)  # fields whose values are never echoed
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -123,7 +124,8 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel], sour
             lines.append(f"{source}: {key}: unknown key{hint}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            secret = SECRET.search(str(loc[-1]) if loc else "")  # a key put in the wrong place stays unprinted
+            shown = "" if isinstance(got, (dict, list)) or got is None or secret else f" (got {got!r})"
             lines.append(f"{source}: {key}: {e['msg']}{shown}")
     return "\n".join(lines)
 

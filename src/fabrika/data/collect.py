@@ -5,8 +5,11 @@
 
 or as the `collect` stage of a pipeline. Every teacher response is appended to `journal.jsonl`
 (written at once, fsync'd every second) before anything else happens to it, rejected ones too with
-their reason; a crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing,
-so nothing paid for is lost and the dataset equals an uninterrupted run's. In preference mode each
+their reason, keyed by the prompt's id and a hash of its messages (user datasets repeat ids); a
+crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing, so nothing paid
+for is lost and the dataset equals an uninterrupted run's. Responses are also cached per user,
+outside the stage directory: a stage restarted with other settings (a pipeline deletes its
+directory) gets back every answer it already paid for. In preference mode each
 prompt gets k candidates from the teacher (and from a student, when one is named); a judge grades
 each with FastChat's single-answer prompt and the best and worst become chosen/rejected, or, with no
 judge, the teacher's answer is chosen over the student's.
@@ -15,6 +18,7 @@ judge, the teacher's answer is chosen over the student's.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -31,6 +35,7 @@ from fabrika.data.formats import RowError, check_conversation, detect_format, to
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.infer.backends import GenerationParams
+from fabrika.infer.client import ClientConfig, default_cache_dir
 from fabrika.infer.serve import ask_model
 
 JOURNAL = "journal.jsonl"
@@ -71,7 +76,8 @@ class CollectConfig(Config):
     filters: list[str] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
     refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes.")
     refusal_judge: str | None = Field(None, description="Also ask this model whether each kept answer is a refusal.")
-    client: dict[str, Any] = Field(default_factory=dict, description="Client settings (concurrency, limits, ...).")
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Client settings (concurrency, limits, "
+                                 "retries, cache_dir, ...).")
     preference: PreferenceParams | None = Field(None, description="Preference mode: chosen/rejected pairs.")
     push_to_hub: str | None = Field(None, description="Also push the dataset to this Hub repo (private).")
 
@@ -177,6 +183,21 @@ def _conv(cfg: CollectConfig, messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + messages
 
 
+def messages_sha(prompt: dict) -> str:
+    blob = json.dumps(prompt["messages"], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prompt_key(prompt: dict) -> str:
+    """What a journal row answers: the prompt's id and a hash of its messages. An id alone is not
+    enough: user datasets repeat ids, and rows keyed by id would pair one prompt with another's answer."""
+    return f"{prompt['id']}#{messages_sha(prompt)}"
+
+
+def _row_key(row: dict) -> str:
+    return f"{row['id']}#{row.get('messages_sha', '')}"
+
+
 def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts: list[dict], n: int,
             temperature: float, client: dict[str, Any]) -> None:
     """Ask `model` for the prompts that have no `kind` row in the journal yet; journal each response
@@ -184,7 +205,7 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
     ref = ctx.generator_ref(model)
     journal = ctx.stage_dir / JOURNAL
     done = _journal(ctx)[kind]
-    todo = [p for p in prompts if p["id"] not in done]
+    todo = [p for p in prompts if prompt_key(p) not in done]
     if not todo:
         return
     if not ctx.quiet:
@@ -206,8 +227,8 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
             rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
                          "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "cost": c.cost, "index": j})
-        log.append({"id": p["id"], "kind": kind, "language": p["language"], "teacher": model, "answers": rows,
-                    "time": time.time()})
+        log.append({"id": p["id"], "messages_sha": messages_sha(p), "kind": kind,
+                    "language": p["language"], "teacher": model, "answers": rows, "time": time.time()})
         journaled[0] += 1
         if kill_after and journaled[0] >= kill_after:  # test hook: die like kill -9 in the middle
             os.kill(os.getpid(), signal.SIGKILL)
@@ -225,17 +246,32 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
 
 
 def _journal(ctx: RunContext) -> dict[str, dict[str, dict]]:
-    """The journal read once: {kind: {prompt id: row}}."""
+    """The journal read once: {kind: {prompt key: row}}."""
     out: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in read_jsonl(ctx.stage_dir / JOURNAL):
-        out[r.get("kind", "answer")][r["id"]] = r
+        if "id" in r:
+            out[r.get("kind", "answer")][_row_key(r)] = r
     return out
+
+
+def duplicate_ids(prompts: list[dict], say=print) -> int:
+    """How many sampled prompts share their id with an earlier one (each is still asked and kept on
+    its own: the journal tells them apart by their messages)."""
+    counts = Counter(p["id"] for p in prompts)
+    extra = sum(c - 1 for c in counts.values())
+    if extra:
+        first = [i for i, c in counts.items() if c > 1][:3]
+        say(f"collect: {extra} prompts repeat the id of another prompt (first: {', '.join(first)}); "
+            "they are told apart by their messages")
+    return extra
 
 
 def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.source)
-    prompts, stats = sample_prompts(cfg, source, (lambda m: None) if ctx.quiet else print)
-    client = {"cache_dir": str(ctx.stage_dir / "cache"), **cfg.client}
+    say = (lambda m: None) if ctx.quiet else print
+    prompts, stats = sample_prompts(cfg, source, say)
+    stats["duplicate_ids"] = duplicate_ids(prompts, say)
+    client = {"cache_dir": str(default_cache_dir()), **cfg.client.model_dump(exclude_unset=True)}
     pref = cfg.preference
     if pref:
         _answer(cfg, ctx, "answer", cfg.teacher, prompts, pref.k, pref.temperature, client)
@@ -250,11 +286,11 @@ def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
     return _write_dataset(cfg, ctx, prompts, stats)
 
 
-def candidates(journal: dict[str, dict[str, dict]], pid: str) -> list[dict]:
-    """Every answer a prompt got that passed the filters, teacher's first, each with its origin."""
+def candidates(journal: dict[str, dict[str, dict]], key: str) -> list[dict]:
+    """Every answer a prompt (by its key) got that passed the filters, teacher's first, each with its origin."""
     out = []
     for kind in ("answer", "student"):
-        row = journal[kind].get(pid)
+        row = journal[kind].get(key)
         for c in (row["answers"] if row else []):
             if c["drop"] is None:
                 out.append({**c, "origin": kind, "key": f"{kind}:{c['index']}", "model": row["teacher"]})
@@ -266,23 +302,25 @@ REFUSAL_QUESTION = ("Below is a user's request and an assistant's answer. Does t
                     "exactly one word: YES or NO.\n\n[Request]\n{question}\n\n[Answer]\n{answer}")
 
 
-def _ask_per_answer(ctx: RunContext, kind: str, ref: str, jobs: list[tuple[str, str, list]], client: dict[str, Any],
+def _ask_per_answer(ctx: RunContext, kind: str, ref: str, jobs: list[tuple[dict, str, list]], client: dict[str, Any],
                     parse) -> None:
-    """Send one judge request per (prompt id, answer key, messages) job; journal a prompt's verdicts
+    """Send one judge request per (prompt, answer key, messages) job; journal a prompt's verdicts
     once all of its answers are in, so a rerun asks again only for prompts left incomplete (a failed
     request leaves its prompt incomplete: it is never recorded as a verdict)."""
     verdicts: dict[str, list] = defaultdict(list)
-    expected = Counter(pid for pid, _, _ in jobs)
+    expected = Counter(prompt_key(p) for p, _, _ in jobs)
     failed: list[str] = []
 
     def keep(i: int, result) -> None:
-        pid, key, _ = jobs[i]
+        p, key, _ = jobs[i]
+        pk = prompt_key(p)
         if isinstance(result, Exception):
-            failed.append(f"{pid}: {result}")
+            failed.append(f"{p['id']}: {result}")
             return
-        verdicts[pid].append({"key": key, "value": parse(result[0].text), "judgment": result[0].text})
-        if len(verdicts[pid]) == expected[pid]:
-            log.append({"id": pid, "kind": kind, "verdicts": sorted(verdicts[pid], key=lambda g: g["key"])})
+        verdicts[pk].append({"key": key, "value": parse(result[0].text), "judgment": result[0].text})
+        if len(verdicts[pk]) == expected[pk]:
+            log.append({"id": p["id"], "messages_sha": messages_sha(p), "kind": kind,
+                        "verdicts": sorted(verdicts[pk], key=lambda g: g["key"])})
 
     if not jobs:
         return
@@ -298,11 +336,11 @@ def _classify_refusals(cfg: CollectConfig, ctx: RunContext, prompts: list[dict],
     journal = _journal(ctx)
     jobs = []
     for p in prompts:
-        if p["id"] in journal["refusal_check"]:
+        if prompt_key(p) in journal["refusal_check"]:
             continue
-        for c in candidates(journal, p["id"]):
+        for c in candidates(journal, prompt_key(p)):
             user = REFUSAL_QUESTION.format(question=p["messages"][-1]["content"], answer=c["text"])
-            jobs.append((p["id"], c["key"], [{"role": "user", "content": user}]))
+            jobs.append((p, c["key"], [{"role": "user", "content": user}]))
     _ask_per_answer(ctx, "refusal_check", cfg.refusal_judge, jobs, client,
                     lambda text: text.strip().upper().startswith("YES"))
 
@@ -315,20 +353,20 @@ def _grade_candidates(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], 
     single = J.load_prompts("fastchat")["single-v1"]
     jobs = []
     for p in prompts:
-        cands = candidates(journal, p["id"])
-        if p["id"] in journal["grades"] or len(cands) < 2:
+        cands = candidates(journal, prompt_key(p))
+        if prompt_key(p) in journal["grades"] or len(cands) < 2:
             continue
         for c in cands:
             user = single["prompt_template"].format(question=p["messages"][-1]["content"], answer=c["text"])
-            jobs.append((p["id"], c["key"], [{"role": "system", "content": single["system_prompt"]},
+            jobs.append((p, c["key"], [{"role": "system", "content": single["system_prompt"]},
                                              {"role": "user", "content": user}]))
     _ask_per_answer(ctx, "grades", cfg.preference.judge, jobs, client, J.parse_rating)
 
 
 def _preference_row(cfg: CollectConfig, p: dict, journal: dict, t: Counter) -> dict | None:
-    cands = candidates(journal, p["id"])
+    cands = candidates(journal, prompt_key(p))
     if cfg.preference.judge:
-        score = {v["key"]: v for v in journal["grades"].get(p["id"], {}).get("verdicts", []) if v["value"] != -1}
+        score = {v["key"]: v for v in journal["grades"].get(prompt_key(p), {}).get("verdicts", []) if v["value"] != -1}
         ranked = sorted((c for c in cands if c["key"] in score), key=lambda c: -score[c["key"]]["value"])
         if len(ranked) < 2 or score[ranked[0]["key"]]["value"] == score[ranked[-1]["key"]]["value"]:
             t["dropped:no_preference"] += 1
@@ -362,13 +400,13 @@ def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], sta
         lang = p["language"] or "?"
         t = table[lang]
         t["sampled"] += 1
-        a = journal["answer"].get(p["id"])
+        a = journal["answer"].get(prompt_key(p))
         if a is None:
             t["unanswered"] += 1
             continue
         t["answered"] += 1
         for kind in ("answer", "student"):
-            for c in journal[kind].get(p["id"], {}).get("answers", []):
+            for c in journal[kind].get(prompt_key(p), {}).get("answers", []):
                 t["tokens"] += c["prompt_tokens"] + c["completion_tokens"]
                 t["cost_usd"] += c["cost"]
                 if c["drop"]:
@@ -379,8 +417,8 @@ def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], sta
                 rows.append(row)
                 t["kept"] += 1
             continue
-        flagged = {v["key"] for v in journal["refusal_check"].get(p["id"], {}).get("verdicts", []) if v["value"]}
-        for c in candidates(journal, p["id"]):
+        flagged = {v["key"] for v in journal["refusal_check"].get(prompt_key(p), {}).get("verdicts", []) if v["value"]}
+        for c in candidates(journal, prompt_key(p)):
             reason = "refusal_llm" if c["key"] in flagged else None
             if reason is None and "duplicate" in cfg.filters:
                 key = F.normalized(c["text"])

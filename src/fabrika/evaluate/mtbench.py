@@ -128,31 +128,41 @@ def judge_matches(questions: list[dict], answers: list[dict], refs: dict[int, di
 
 def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, client_options: dict[str, Any],
                 retries: int = 1, quiet: bool = True, max_tokens: int = 2048) -> None:
-    """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives."""
+    """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives. A judgment
+    without a rating is asked again (another seed) up to `retries` times, then kept with FastChat's
+    score -1: the judge did answer. A request that failed (judge down, retries spent) is never
+    written as a grade, so the same command asks for it again; it fails the call instead."""
     if not matches:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     pending = matches
+    failed: list[str] = []
     for attempt in range(retries + 1):
         params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens, seed=attempt or None)
-        texts: dict[int, str] = {}
+        unrated: list[dict] = []
 
         def keep(i: int, result) -> None:
-            if isinstance(result, Exception):
-                texts[i] = f"$ERROR$ {result}"
-            else:
-                texts[i] = result[0].text
             m = pending[i]
-            score = J.parse_rating(texts[i])
-            if score != -1 or attempt == retries:
-                append_jsonl(out, [{"question_id": m["question"]["question_id"], "model": model_id,
-                                    "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
-                                    "judgment": texts[i], "score": score, "turn": m["turn"], "tstamp": time.time()}])
+            if isinstance(result, Exception):
+                failed.append(f"question {m['question']['question_id']} turn {m['turn']}: {result}")
+                return
+            text = result[0].text
+            score = J.parse_rating(text)
+            if score == -1 and attempt < retries:
+                unrated.append(m)
+                return
+            append_jsonl(out, [{"question_id": m["question"]["question_id"], "model": model_id,
+                                "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
+                                "judgment": text, "score": score, "turn": m["turn"], "tstamp": time.time()}])
 
         ask_model(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep)
-        pending = [m for i, m in enumerate(pending) if J.parse_rating(texts[i]) == -1]
+        pending = unrated
         if not pending:
             break
+    if failed:
+        raise FabrikaError(f"judging: {len(failed)} of {len(matches)} requests to {judge_ref} failed (first: "
+                           f"{failed[0]}); the grades received are in {out}; run the same command again to ask "
+                           "only for the rest")
 
 
 def pair_matches(questions: list[dict], answers_1: list[dict], answers_2: list[dict], refs: dict[int, dict],

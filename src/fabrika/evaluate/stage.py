@@ -21,6 +21,7 @@ from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.evaluate import mtbench as M
 from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, pair_win_rate, summarise, summarise_pairs
+from fabrika.infer.client import ClientConfig, default_cache_dir
 
 
 class MTBenchParams(Config):
@@ -32,7 +33,8 @@ class MTBenchParams(Config):
     answers: str | None = Field(None, description="Judge this existing answer file instead of generating.")
     judge_retries: int = Field(1, ge=0, description="Extra tries for judgments without a [[rating]].")
     judge_max_tokens: int = Field(2048, ge=1, description="Longest judgment (FastChat: 2048).")
-    client: dict[str, Any] = Field(default_factory=dict, description="Judge client settings (concurrency, ...).")
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Judge client settings (concurrency, "
+                                 "retries, cache_dir, ...).")
     mode: Literal["single", "pairwise", "both"] = Field(
         "single", description="single: grade 1-10; pairwise: compare with `baseline` (pair-v2, both orders).")
     baseline: str | None = Field(None, description="Pairwise opponent: a model reference or a FastChat answer file.")
@@ -139,7 +141,7 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
             answers = M.generate_answers(gen, questions, bench_dir / "model_answer" / f"{model_id}.jsonl", model_id,
                                          p.max_new_tokens)
         kind = p.prompts if p.prompts != "auto" else ("fastchat" if lang == "en" else "multilingual")
-        options = {"cache_dir": str(ctx.stage_dir / "judge_cache"), **p.client}
+        options = {"cache_dir": str(default_cache_dir()), **p.client.model_dump(exclude_unset=True)}
         summary: dict[str, Any] = {}
         if p.mode in ("single", "both"):
             judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"

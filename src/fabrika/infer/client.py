@@ -2,10 +2,12 @@
 
 Built on the official `openai` async client (its own retries off): bounded concurrency, optional
 requests- and tokens-per-minute limits, retries of 429/5xx/timeouts/dropped connections with
-exponential backoff and jitter that honours Retry-After, an immediate stop on errors that cannot
-succeed (401/403/404 stop the whole job), token and cost accounting, and an on-disk response cache
-so that a re-run never pays twice. The API key is read from the environment variable the config
-names and never written anywhere.
+exponential backoff and jitter that honours Retry-After, for at most `max_retry_s` per request, an
+immediate stop on errors that cannot succeed (401/403/404, and an endpoint that refuses or cannot be
+resolved before it has answered once), token and cost accounting, and an on-disk response cache so
+that a re-run never pays twice. The cache lives outside any stage directory (per user unless
+`cache_dir` says otherwise): a stage restarted with other settings still finds every answer it paid
+for. The API key is read from the environment variable the config names and never written anywhere.
 """
 
 from __future__ import annotations
@@ -41,12 +43,24 @@ class ClientConfig(Config):
     requests_per_minute: float | None = Field(None, gt=0, description="Request rate limit.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Token rate limit (prompt + max answer).")
     max_retries: int = Field(8, ge=0, description="Retries of one request before it fails.")
+    max_retry_s: float = Field(120.0, gt=0, description="Longest time one request keeps retrying before it fails.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of one request.")
     backoff_base_s: float = Field(1.0, gt=0, description="First retry delay; doubles each time.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay.")
-    cache_dir: str | None = Field(None, description="Response cache directory (off when unset).")
+    cache_dir: str | None = Field(None, description="Response cache directory (off when unset; stages default "
+                                  "to the per-user cache, see default_cache_dir).")
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict, description="$ per 1M tokens in/out.")
     budget_usd: float | None = Field(None, gt=0, description="Stop starting requests once this is spent.")
+
+
+def default_cache_dir() -> Path:
+    """The per-user response cache: $FABRIKA_CACHE_DIR, else $XDG_CACHE_HOME/fabrika/responses, else
+    ~/.cache/fabrika/responses. Shared by every run of this user, so that the same request to the
+    same model with the same settings is paid for once, whichever run or stage directory asks."""
+    if os.environ.get("FABRIKA_CACHE_DIR"):
+        return Path(os.environ["FABRIKA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fabrika" / "responses"
 
 
 class RequestFailed(FabrikaError):
@@ -67,20 +81,48 @@ def _key(config: ClientConfig) -> str:
 
 
 class ResponseCache:
-    """sqlite keyed by (model, messages, parameters); WAL mode, one commit per response."""
+    """sqlite keyed by everything that changes an answer: the endpoint (its base URL, or the content
+    of a local model's files), the model name, the messages and every sampling parameter. WAL mode,
+    one commit per response; several processes may share one cache."""
 
     def __init__(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(Path(directory) / "responses.sqlite"), check_same_thread=False)
+        self.db = sqlite3.connect(str(Path(directory) / "responses.sqlite"), check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process; no fsync per response
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS file_hashes (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                        "sha256 TEXT, PRIMARY KEY (path, size, mtime_ns))")
         self.lock = threading.Lock()
 
     @staticmethod
-    def key(model: str, messages: Messages, params: GenerationParams) -> str:
-        blob = json.dumps([model, messages, params.model_dump(mode="json")], sort_keys=True, ensure_ascii=False)
+    def key(endpoint: str, model: str, messages: Messages, params: GenerationParams) -> str:
+        blob = json.dumps([endpoint, model, messages, params.model_dump(mode="json")], sort_keys=True,
+                          ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def content_id(self, path: str | Path) -> str:
+        """A fingerprint of a local model's bytes (a directory's files or one GGUF file): a model
+        retrained in place must not be answered from its predecessor's cache. Each file's sha256 is
+        remembered by (path, size, mtime), so a 16 GB model is read once, not on every run."""
+        from fabrika.artifacts import file_sha256
+
+        root = Path(path)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            where = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+            with self.lock:
+                row = self.db.execute("SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+                                      where).fetchone()
+            digest = row[0] if row else file_sha256(f)
+            if not row:
+                with self.lock:
+                    self.db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (*where, digest))
+                    self.db.commit()
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{digest}\0".encode())
+        return "sha256:" + h.hexdigest()
 
     def get(self, key: str) -> list[dict] | None:
         with self.lock:
@@ -153,7 +195,10 @@ def _retry_after(err: Exception) -> float | None:
 class Client:
     """Runs chat requests concurrently; `run` yields (index, completions) as each one finishes."""
 
-    def __init__(self, config: ClientConfig, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: ClientConfig, log: Callable[[str], None] | None = None,
+                 local_model: str | None = None) -> None:
+        """`local_model`: the model files (or Hub id) served behind a loopback `base_url`; the cache
+        then knows the endpoint by the model's content, since the port changes from run to run."""
         import openai
 
         self.config = config
@@ -164,6 +209,10 @@ class Client:
         self.api = openai.AsyncOpenAI(base_url=config.base_url, api_key=_key(config), max_retries=0,
                                       timeout=config.timeout_s)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        self.endpoint = config.base_url
+        if self.cache and local_model:
+            self.endpoint = self.cache.content_id(local_model) if Path(local_model).exists() else local_model
+        self.reached = False  # an HTTP answer came back at least once: a refused connection is then transient
         self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self.stats = JobStats()
         self.log = log or (lambda msg: None)
@@ -177,6 +226,7 @@ class Client:
         if params.stop:
             kwargs["stop"] = params.stop
         estimate = sum(len(m["content"]) for m in messages) // 3 + params.max_new_tokens * params.n
+        give_up = time.monotonic() + cfg.max_retry_s
         for attempt in range(cfg.max_retries + 1):
             await self.limiter.acquire(estimate)
             self.stats.sent += 1
@@ -185,6 +235,7 @@ class Client:
                 # type-driven transform of the payload (about 1 ms of CPU per request, measured)
                 r = await self.api.post("/chat/completions", body=kwargs, cast_to=self.completion_type)
             except o.APIStatusError as e:
+                self.reached = True
                 code = e.status_code
                 if code in FATAL:
                     raise JobStopped(f"{cfg.base_url}: {FATAL[code]} (HTTP {code}, model {model!r}); stopping") from None
@@ -196,7 +247,11 @@ class Client:
                 reason = f"HTTP {code}"
             except (o.APITimeoutError, o.APIConnectionError) as e:
                 wait, reason = None, type(e).__name__
+                if not self.reached and _unreachable(e):
+                    raise JobStopped(f"{cfg.base_url}: cannot connect ({e.__cause__}); is the server running and "
+                                     "the URL right?") from None
             else:
+                self.reached = True
                 usage = r.usage
                 prompt = usage.prompt_tokens if usage else 0
                 completion = usage.completion_tokens if usage else 0
@@ -204,10 +259,10 @@ class Client:
                 return [Completion(c.message.content or "", c.finish_reason or "stop", prompt,
                                    completion if len(r.choices) == 1 else 0, cost if i == 0 else 0.0)
                         for i, c in enumerate(r.choices)]
-            if attempt == cfg.max_retries:
-                raise RequestFailed(f"gave up after {attempt + 1} attempts ({reason})")
             delay = wait if wait is not None else min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt)
             delay *= 1 + random.random() * 0.25  # jitter: retries of many requests do not arrive together
+            if attempt == cfg.max_retries or time.monotonic() + delay > give_up:
+                raise RequestFailed(f"gave up after {attempt + 1} attempts ({reason})")
             self.stats.retrying += 1
             self.log(f"retry {attempt + 1} in {delay:.1f}s after {reason}")
             await asyncio.sleep(delay)
@@ -215,7 +270,7 @@ class Client:
         raise AssertionError("unreachable")
 
     async def one(self, model: str, messages: Messages, params: GenerationParams) -> list[Completion]:
-        key = ResponseCache.key(model, messages, params) if self.cache else None
+        key = ResponseCache.key(self.endpoint, model, messages, params) if self.cache else None
         if key and (hit := self.cache.get(key)) is not None:
             self.stats.cached += 1
             return [Completion(**{**c, "cost": 0.0, "cached": True}) for c in hit]
@@ -262,6 +317,13 @@ class Client:
         await self.api.close()
 
 
+def _unreachable(err: Exception) -> bool:
+    """Connection refused or a name that does not resolve: the HTTP library's ConnectError under the
+    SDK's error (a timeout or a dropped connection is something else, and worth retrying). Matched by
+    name: SDK releases differ in which httpx package they bundle."""
+    return any(c.__name__ == "ConnectError" for c in type(err.__cause__).__mro__)
+
+
 def _message(err: Exception) -> str:
     body = getattr(err, "body", None)
     if isinstance(body, dict):
@@ -286,13 +348,13 @@ def progress_bar(stats: JobStats, quiet: bool):
 
 def run_requests(config: ClientConfig, model: str, conversations: list[Messages], params: GenerationParams,
                  quiet: bool = False, on_result: Callable[[int, list[Completion] | Exception], None] | None = None,
-                 ) -> list[list[Completion]]:
+                 local_model: str | None = None) -> list[list[Completion]]:
     """Synchronous wrapper: every conversation answered (or RequestFailed raised for the first failure
     when no `on_result` callback takes failures)."""
     results: list[Any] = [None] * len(conversations)
 
     async def main():
-        client = Client(config)
+        client = Client(config, local_model=local_model)
         try:
             with progress_bar(client.stats, quiet) as bar:
                 task = bar.add_task("requests", total=len(conversations))

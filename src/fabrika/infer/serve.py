@@ -265,9 +265,10 @@ def ask_model(ref: str, convs: list[list[dict]], params: GenerationParams, clien
     kind, target = parse_ref(ref)
     if kind == "openai":
         model, _, url = target.partition("@")
-        run_requests(ClientConfig(**({"base_url": url} if url else {}), **client), model, convs, params,
+        run_requests(ClientConfig(**{**client, **({"base_url": url} if url else {})}), model, convs, params,
                      quiet=quiet, on_result=on_result)
         return
-    with serve_in_background(ref, name=target) as server:  # the name keys the cache: one per model
+    with serve_in_background(ref, name=target) as server:  # the cache knows it by its files' content
         options = {"concurrency": 8, "timeout_s": 3600.0, **client, "base_url": server.url}
-        run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result)
+        run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result,
+                     local_model=target)
