@@ -25,7 +25,7 @@ class Config(BaseModel):
 
 
 C = TypeVar("C", bound=BaseModel)
-SECRET = re.compile(r"key|token|password|secret", re.IGNORECASE)  # fields whose values are never echoed
+SECRET = re.compile(r"(^|_)(key|token|password|secret)(_|$)", re.IGNORECASE)  # values never echoed
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def test_client_settings_are_checked_at_load_without_echoing_secrets(source, tmp
     stage = yaml.safe_load(cfg.read_text(encoding="utf-8"))
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(yaml.safe_dump({"name": "x", "stages": {"collect": {
-        **stage, "client": {"api_key_env": {"token": "sk-live-do-not-print"}}}}}), encoding="utf-8")
+        **stage, "client": {"api_key_env": "sk-live-do-not-print"}}}}), encoding="utf-8")  # the key, not its name
     r = run_fabrika("run", str(pipeline), "--dry-run")
     assert r.returncode == 2 and "stages.collect.client.api_key_env" in r.stderr, r.stderr
     assert "sk-live" not in r.stdout + r.stderr

@@ -38,7 +38,8 @@ FATAL = {401: "the API key was rejected", 403: "access to this model is forbidde
 
 class ClientConfig(Config):
     base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="Name of the environment variable holding the key (never the key).")
     concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
     requests_per_minute: float | None = Field(None, gt=0, description="Request rate limit.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Token rate limit (prompt + max answer).")
