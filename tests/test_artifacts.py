@@ -1,8 +1,8 @@
 import json
 import os
 
-from fabrika.artifacts import (Artifact, RunContext, append_jsonl, atomic_write_json, fingerprint, read_jsonl,
-                               read_manifest)
+from fabrika.artifacts import (Artifact, Journal, RunContext, append_jsonl, atomic_write_json, fingerprint,
+                               read_jsonl, read_manifest)
 from fabrika.config import Config
 
 
@@ -19,6 +19,20 @@ def test_jsonl_ignores_torn_last_line(tmp_path):
     with open(p, "a") as f:
         f.write('{"i": 3')  # a crash in the middle of a write
     assert [r["i"] for r in read_jsonl(p)] == [1, 2]
+
+
+def test_appends_after_a_torn_line_and_corrupt_lines_are_skipped(tmp_path, capsys):
+    p = tmp_path / "j.jsonl"
+    append_jsonl(p, [{"i": 1}, {"i": 2, "big": "ж" * 100_000}])
+    with open(p, "ab") as f:
+        f.write(json.dumps({"i": 3, "big": "ж" * 100_000}, ensure_ascii=False).encode()[:150_000])  # torn, > 64 KiB
+    append_jsonl(p, [{"i": 4}])
+    with Journal(p) as j:
+        j.append({"i": 5})
+    lines = p.read_bytes().splitlines(keepends=True)
+    p.write_bytes(lines[0] + b"\xff{not json\n" + b"".join(lines[1:]))
+    assert [r["i"] for r in read_jsonl(p)] == [1, 2, 4, 5]
+    assert f"{p}:2: not a JSON object, skipped" in capsys.readouterr().err
 
 
 def test_fingerprint_is_order_independent():

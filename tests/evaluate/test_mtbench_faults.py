@@ -64,7 +64,7 @@ def reference(tmp_path_factory, answers) -> list[tuple]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_judging_killed_at_a_random_point_then_rerun_pays_once(seed, answers, reference, tmp_path):
-    kill_at = random.Random(seed).randint(1, len(reference) - 2)
+    kill_at = random.Random(seed).randint(CONCURRENCY, len(reference) - 6)
     log: list[dict] = []
     with scripted_server(verdict, log) as url:
         r = _eval(answers, url, tmp_path / "out", kill_when=lambda: len(log) >= kill_at)
