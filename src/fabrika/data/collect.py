@@ -9,10 +9,11 @@ their reason, keyed by the prompt's id and a hash of its messages (user datasets
 crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing, so nothing paid
 for is lost and the dataset equals an uninterrupted run's. Responses are also cached per user,
 outside the stage directory: a stage restarted with other settings (a pipeline deletes its
-directory) gets back every answer it already paid for. In preference mode each
-prompt gets k candidates from the teacher (and from a student, when one is named); a judge grades
-each with FastChat's single-answer prompt and the best and worst become chosen/rejected, or, with no
-judge, the teacher's answer is chosen over the student's.
+directory) gets back every answer it already paid for.
+
+In preference mode each prompt gets k candidates from the teacher (and from a student, when one is
+named); a judge grades each with FastChat's single-answer prompt and the best and worst become
+chosen/rejected, or, with no judge, the teacher's answer is chosen over the student's.
 """
 
 from __future__ import annotations
