@@ -84,7 +84,9 @@ class ChatRequest(BaseModel):
 
     def params(self, max_new_tokens: int) -> GenerationParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return GenerationParams(temperature=self.temperature, top_p=self.top_p, n=self.n, seed=self.seed, stop=stop,
+        # a vanishing temperature turns logits into inf and NaN; it means greedy, as vLLM reads it
+        temperature = self.temperature if self.temperature >= 1e-5 else 0.0
+        return GenerationParams(temperature=temperature, top_p=self.top_p, n=self.n, seed=self.seed, stop=stop,
                                 max_new_tokens=max_new_tokens)
 
 
@@ -124,7 +126,7 @@ class Guard:
                                                       code="invalid_api_key"))
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await self._too_large(send, int(declared))
+            return await self._too_large(send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -133,7 +135,7 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                return await self._too_large(send, size)
+                return await self._too_large(send)
             more = message.get("more_body", False)
         replayed = False
 
@@ -150,9 +152,9 @@ class Guard:
         scheme, _, token = header.decode("latin-1").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self.key)
 
-    async def _too_large(self, send, size: int) -> None:
-        await _reply(send, 413, error_body(f"the request body has more than {self.max_body:,} bytes (at least "
-                                           f"{size:,}); the server takes at most {self.max_body:,}",
+    async def _too_large(self, send) -> None:
+        await _reply(send, 413, error_body(f"the request body is larger than this server's limit of "
+                                           f"{self.max_body:,} bytes (fabrika serve --max-body-mb)",
                                            code="request_too_large"))
 
 
@@ -203,7 +205,8 @@ class Batcher:
                 try:
                     results = await asyncio.to_thread(self.gen.generate, [p.conv for p in group], group[0].params)
                     for p, r in zip(group, results):
-                        p.future.set_result(r)
+                        if not p.future.done():  # a request cancelled meanwhile
+                            p.future.set_result(r)
                 except Exception as e:  # one bad batch fails its requests, never the server
                     for p in group:
                         if not p.future.done():
@@ -450,7 +453,11 @@ def start_server(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key
     import uvicorn
 
     sock = bind(host, port)
-    _, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue}, **options)
+    try:
+        _, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue}, **options)
+    except BaseException:
+        sock.close()
+        raise
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
