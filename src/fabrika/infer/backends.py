@@ -71,8 +71,8 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def refuse_oversized(conversation: Messages, context: int, longest_token_bytes: int) -> None:
-    """No token holds more than `longest_token_bytes` bytes of text, so a prompt longer than context x that
-    cannot fit: it is refused before the tokenizer spends seconds and gigabytes on a huge string."""
+    """No token holds more than `longest_token_bytes` bytes of text, so messages of more than context times
+    that many bytes cannot fit: they are refused before the tokenizer spends seconds and gigabytes on them."""
     size = sum(len(m["content"].encode("utf-8")) for m in conversation)
     if size > context * longest_token_bytes:
         raise ContextTooLong(f"the messages hold {size:,} bytes of text, more than the model's context of {context} "
