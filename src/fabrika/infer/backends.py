@@ -15,7 +15,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Generator as Steps, Protocol
 
 from pydantic import Field
 
@@ -48,19 +48,40 @@ class ContextTooLong(FabrikaError):
     """The prompt plus the answer would not fit the model's context."""
 
 
+class ConversationRejected(FabrikaError):
+    """The model's chat template refuses the conversation (say, two user turns in a row)."""
+
+
 class Generator(Protocol):
     name: str
+    context: int
 
     def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
         """n completions for every conversation, in order."""
 
-    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
-        """Pieces of one answer as they are produced."""
+    def stream(self, conversation: Messages, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Steps[str, None, Completion | None]:
+        """Pieces of one answer as they are produced; returns the finished completion (its finish reason and
+        token counts). Setting `cancel` stops the generation within a token."""
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def refuse_oversized(conversation: Messages, context: int, longest_token_bytes: int) -> None:
+    """No token holds more than `longest_token_bytes` bytes of text, so messages of more than context times
+    that many bytes cannot fit: they are refused before the tokenizer spends seconds and gigabytes on them."""
+    size = sum(len(m["content"].encode("utf-8")) for m in conversation)
+    if size > context * longest_token_bytes:
+        raise ContextTooLong(f"the messages hold {size:,} bytes of text, more than the model's context of {context} "
+                             f"tokens can take (its longest token is {longest_token_bytes} bytes)")
+
+
+def _too_long(n: int, max_new_tokens: int, context: int) -> ContextTooLong:
+    return ContextTooLong(f"the prompt has {n} tokens and max_tokens is {max_new_tokens}: more than the "
+                          f"model's context of {context} tokens")
 
 
 class HFGenerator:
@@ -100,17 +121,33 @@ class HFGenerator:
         self.eos_ids = [i for i in dict.fromkeys(ids + [self.tok.eos_token_id]) if i is not None]
         cfg = self.model.config
         self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.longest_token_bytes = max(len(t.encode("utf-8")) for t in
+                                       self.tok.batch_decode([[i] for i in range(len(self.tok))]))
         self.max_batch = max_batch
         self.lock = threading.Lock()  # one generate at a time on one model
 
-    def prompt_ids(self, conversation: Messages) -> list[int]:
-        return self.tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+    def _template(self, conversation: Messages, tokenize: bool):
+        from jinja2 import TemplateError
+
+        try:
+            out = self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=tokenize,
+                                               return_dict=tokenize)
+        except TemplateError as e:
+            raise ConversationRejected(f"the model's chat template rejects these messages: {e}") from None
+        return out["input_ids"] if tokenize else out
+
+    def prompt_tokens(self, conversation: Messages) -> int:
+        """Tokens of the templated prompt; refuses what cannot fit the context even without an answer."""
+        refuse_oversized(conversation, self.context, self.longest_token_bytes)
+        n = len(self._template(conversation, tokenize=True))
+        if n >= self.context:
+            raise _too_long(n, 1, self.context)
+        return n
 
     def check_length(self, conversation: Messages, params: GenerationParams) -> int:
-        n = len(self.prompt_ids(conversation))
+        n = self.prompt_tokens(conversation)
         if n + params.max_new_tokens > self.context:
-            raise ContextTooLong(f"the prompt has {n} tokens and max_tokens is {params.max_new_tokens}: more than the "
-                                 f"model's context of {self.context} tokens")
+            raise _too_long(n, params.max_new_tokens, self.context)
         return n
 
     def _kwargs(self, params: GenerationParams) -> dict[str, Any]:
@@ -131,7 +168,7 @@ class HFGenerator:
         for start in range(0, len(conversations), self.max_batch):
             batch = conversations[start:start + self.max_batch]
             lengths = [self.check_length(c, params) for c in batch]
-            texts = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]
+            texts = [self._template(c, tokenize=False) for c in batch]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             with self.lock, torch.no_grad():
                 if params.seed is not None:
@@ -150,32 +187,60 @@ class HFGenerator:
                 out.append(choices)
         return out
 
-    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+    def stream(self, conversation: Messages, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Steps[str, None, Completion]:
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        self.check_length(conversation, params)
-        text = self.tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.device)
+        n = self.check_length(conversation, params)
+        enc = self.tok([self._template(conversation, tokenize=False)], return_tensors="pt",
+                       add_special_tokens=False).to(self.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        halt = threading.Event()
+
+        class Halted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                stop = halt.is_set() or (cancel is not None and cancel.is_set())
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
         kw = self._kwargs(params.model_copy(update={"n": 1}))
+        outcome: dict[str, Any] = {}
 
         def work() -> None:
-            with self.lock, torch.no_grad():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                self.model.generate(**enc, **kw, streamer=streamer)
+            try:
+                with self.lock, torch.no_grad():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    outcome["ids"] = self.model.generate(**enc, **kw, streamer=streamer,
+                                                         stopping_criteria=StoppingCriteriaList([Halted()]))
+            except BaseException as e:  # noqa: BLE001 - handed to the reader, which would wait forever otherwise
+                outcome["error"] = e
+                streamer.end()
 
-        threading.Thread(target=work, daemon=True).start()
-        sent = ""
-        for piece in streamer:
-            cut, stopped = _cut_at_stop(sent + piece, params.stop)
-            if stopped:
-                if len(cut) > len(sent):
-                    yield cut[len(sent):]
-                return
-            sent += piece
-            yield piece
+        thread = threading.Thread(target=work, name="fabrika-generate", daemon=True)
+        thread.start()
+        sent, stopped = "", False
+        try:
+            for piece in streamer:
+                cut, stopped = _cut_at_stop(sent + piece, params.stop)
+                if stopped:
+                    if len(cut) > len(sent):
+                        yield cut[len(sent):]
+                    sent = cut
+                    break
+                if piece:
+                    sent += piece
+                    yield piece
+        finally:  # the reader went away (or a stop string ended the answer): stop generating now
+            halt.set()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        ids = outcome["ids"][0, enc["input_ids"].shape[1]:].tolist()
+        ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+        used = len(ids) if ended is None else ended + 1
+        finished = ended is not None or stopped or used < params.max_new_tokens
+        return Completion(sent, "stop" if finished else "length", n, used)
 
 
 class GGUFGenerator:
@@ -189,14 +254,22 @@ class GGUFGenerator:
         self.name = Path(path).stem
         self.llm = load_llama(path, n_ctx=n_ctx, logits_all=False)
         self.context = n_ctx
+        self.longest_token_bytes = max(len(self.llm.detokenize([i])) for i in range(self.llm.n_vocab()))
         self.lock = threading.Lock()
 
-    def check_length(self, conversation: Messages, params: GenerationParams) -> int:
+    def prompt_tokens(self, conversation: Messages) -> int:
+        """About the prompt's tokens (the text's, plus a few a turn for the template)."""
+        refuse_oversized(conversation, self.context, self.longest_token_bytes)
         text = "".join(m["content"] for m in conversation)
         n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) + 8 * len(conversation)
+        if n >= self.context:
+            raise _too_long(n, 1, self.context)
+        return n
+
+    def check_length(self, conversation: Messages, params: GenerationParams) -> int:
+        n = self.prompt_tokens(conversation)
         if n + params.max_new_tokens > self.context:
-            raise ContextTooLong(f"the prompt has about {n} tokens and max_tokens is {params.max_new_tokens}: more "
-                                 f"than the context of {self.context} tokens")
+            raise _too_long(n, params.max_new_tokens, self.context)
         return n
 
     def _one(self, conversation: Messages, params: GenerationParams, stream: bool = False):
@@ -220,13 +293,21 @@ class GGUFGenerator:
             out.append(choices)
         return out
 
-    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
-        self.check_length(conversation, params)
+    def stream(self, conversation: Messages, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Steps[str, None, Completion]:
+        n = self.check_length(conversation, params)
+        text, tokens, finish = "", 0, "stop"
         with self.lock:
-            for chunk in self._one(conversation, params, stream=True):
-                piece = chunk["choices"][0]["delta"].get("content")
+            for chunk in self._one(conversation, params, stream=True):  # one chunk a token
+                if cancel is not None and cancel.is_set():
+                    break
+                choice = chunk["choices"][0]
+                finish = choice.get("finish_reason") or finish
+                piece = choice["delta"].get("content")
                 if piece:
+                    text, tokens = text + piece, tokens + 1
                     yield piece
+        return Completion(text, finish, n, tokens)
 
 
 class OpenAIGenerator:
@@ -246,10 +327,14 @@ class OpenAIGenerator:
 
         return run_requests(self.config, self.model, conversations, params, quiet=quiet)
 
-    def stream(self, conversation: Messages, params: GenerationParams) -> Iterator[str]:
+    def stream(self, conversation: Messages, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Steps[str, None, None]:
         from fabrika.infer.client import stream_chat
 
-        yield from stream_chat(self.config, self.model, conversation, params)
+        for piece in stream_chat(self.config, self.model, conversation, params):
+            if cancel is not None and cancel.is_set():
+                break
+            yield piece
 
 
 BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}

@@ -18,11 +18,15 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FABRIKA_API_KEY",
                                               help="Demand this bearer token (or set FABRIKA_API_KEY)."),
         name: Optional[str] = typer.Option(None, help="Model id reported by the API."),
+        max_body_mb: float = typer.Option(4.0, "--max-body-mb", min=0.001,
+                                          help="Largest request body; bigger ones get 413."),
+        max_queue: int = typer.Option(256, "--max-queue", min=1,
+                                      help="Requests generating or waiting at once; more get 429 (retry later)."),
     ) -> None:
-        """Serve a model over an OpenAI-compatible HTTP API."""
+        """Serve a model over an OpenAI-compatible HTTP API (prints its URL once it is ready)."""
         from fabrika.infer.serve import serve_forever
 
-        serve_forever(model, host, port, api_key, name)
+        serve_forever(model, host, port, api_key, name, max_body_mb=max_body_mb, max_queue=max_queue)
 
     @app.command()
     def chat(
