@@ -92,6 +92,7 @@ def test_prompts_are_fastchats_byte_for_byte():
 def test_rating_parsing_and_pairs():
     assert J.parse_rating("Rating: [[8]]") == 8 and J.parse_rating("[[7.5]] ok") == 7.5
     assert J.parse_rating("I give it [6]") == 6 and J.parse_rating("no score") == -1
+    assert J.parse_rating("[[99999999999999999999999]]") == -1 and J.parse_rating("[[-3]]") == -1
     assert J.parse_winner("[[B]]") == "B" and J.parse_winner("[[C]]") == "tie" and J.parse_winner("?") == "error"
     assert J.combine_pair("A", "B") == "model_1" and J.combine_pair("A", "A") == "tie"
 

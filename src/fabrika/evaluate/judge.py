@@ -105,14 +105,16 @@ def pair_prompt(judge: Judge, question: dict, answer_a: dict, answer_b: dict, re
 
 
 def parse_rating(judgment: str) -> float:
-    """FastChat's parsing: `[[x]]`, else `[x]`, else -1."""
+    """FastChat's parsing: `[[x]]`, else `[x]`, else -1. A rating off the 1-10 scale (a weak judge
+    writes `[[99999999999]]`) counts as no rating: averaged, it would swamp every real score."""
     m = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
     if not m:
         return -1
     try:
-        return ast.literal_eval(m.groups()[0])
+        score = ast.literal_eval(m.groups()[0])
     except (ValueError, SyntaxError):
         return -1
+    return score if isinstance(score, (int, float)) and 0 <= score <= 10 else -1
 
 
 def parse_winner(judgment: str) -> str:
