@@ -202,7 +202,8 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
             return
         rows = []
         for j, c in enumerate(result):
-            reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, tuple(cfg.refusal_patterns))
+            reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, tuple(cfg.refusal_patterns),
+                                   prompt=p["messages"][-1]["content"])
             rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
                          "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "cost": c.cost, "index": j})
