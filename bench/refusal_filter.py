@@ -48,7 +48,8 @@ def score(rows: list[dict], got: list[str | None]) -> dict[str, dict[str, float]
     for group, c in counts.items():
         out[group] = {**c, "recall": c["refusal_caught"] / c["refusal"] if c["refusal"] else None,
                       "precision": c["refusal_caught"] / c["flagged_refusal"] if c["flagged_refusal"] else None,
-                      "language_recall": c["wrong_language_caught"] / c["wrong_language"] if c["wrong_language"] else None,
+                      "language_recall": (c["wrong_language_caught"] / c["wrong_language"]
+                                          if c["wrong_language"] else None),
                       "false_drops": c["false_drop"] / c["ok"] if c["ok"] else None}
     return out
 

@@ -74,32 +74,38 @@ _EN_VERBS = (r"(?:help(?!\s+(?:myself|but|feeling|thinking|wondering|it\b))|assi
              r"complete|process|access|browse|make|draft|comment|respond|translate|predict|tell you)")
 _RU_VERBS = (r"(?:помочь|помогать|помогу|выполнить|предоставить|ответить|отвечать|дать|написать|обсуждать|"
              r"продолжить|оказать|сделать|создать|поделиться|участвовать|составить|рассказать|сообщить|"
-             r"генерировать|назвать|поставить|придумать|узнать|разглашать|комментировать|писать|говорить|разговаривать)")
+             r"генерировать|назвать|поставить|придумать|узнать|разглашать|комментировать|писать|говорить|"
+             r"разговаривать)")
 _ZH_VERBS = (r"(?:提供|帮助|帮|回答|满足|协助|完成|参与|生成|撰写|写|讨论|处理|给出|告诉|执行|编写|支持|发表|"
              r"做|进行|获取|预测|诊断|回复|翻译|透露|分享|编造|创作|替|为你|为您|给你|给您)")
 
 # Openings and phrases that mark a refusal in the answer's own voice, per language.
 REFUSALS = {
     "en": [
-        rf"\bI(?:'m| am| will| would)? ?(?:can't|cannot|can not|won't|will not|(?:am|'m) (?:not able|unable|not going) to|"
-        rf"won't be able to|will not be able to|'d prefer not to|would prefer not to|(?:must|have to|need to) decline to)"
+        rf"\bI(?:'m| am| will| would)? ?(?:can't|cannot|can not|won't|will not|"
+        rf"(?:am|'m) (?:not able|unable|not going) to|won't be able to|will not be able to|'d prefer not to|"
+        rf"would prefer not to|(?:must|have to|need to) decline to)"
         rf"(?: \w+){{0,2}}? {_EN_VERBS}",
         r"\bI(?:'m| am)? (?:really |very |so |truly |terribly )?(?:sorry|afraid|apologi[sz]e)\b.{0,100}?"
         r"\b(?:can't|cannot|can not|unable|not able|won't|will not|must decline|not (?:going|allowed|permitted) to|"
         r"(?:don't|do not|'m not|am not) (?:feel )?comfortable)",
         r"^(?:sorry|my apologies|apologies|unfortunately|regrettably)\b[,.!—–:-]*\s*(?:but\s+)?"
         r"(?:I|that)(?:'m| am|'s| is)?\s*(?:can't|cannot|won't|unable|not able|not something|must decline)",
-        r"\bI(?:'m| am)? (?:(?:going|have|need) to|must|'ll have to|will have to) (?:respectfully |politely )?(?:decline|refuse)",
-        r"\bI (?:don't|do not) (?:feel comfortable|think I (?:can|should)) (?:\w+ )?(?:help|assist|writ|creat|provid|do)",
+        r"\bI(?:'m| am)? (?:(?:going|have|need) to|must|'ll have to|will have to) (?:respectfully |politely )?"
+        r"(?:decline|refuse)",
+        r"\bI (?:don't|do not) (?:feel comfortable|think I (?:can|should)) (?:\w+ )?"
+        r"(?:help|assist|writ|creat|provid|do)",
         r"\bI(?:'m| am) not comfortable (?:help|writ|creat|provid|do)",
         r"\bnot something I(?:'m| am)? ?(?:can|able to|will|'ll) (?:help|assist|do|provide)",
         r"\b(?:as|being) an? (?:AI|artificial intelligence|language model|AI language model|AI assistant|AI model)"
         r"(?: (?:developed|created|trained|made) by [\w .-]{1,20})?,? I\b",
-        r"\bI(?:'m| am) (?:just |only |merely )?an? (?:text-based |large )?(?:AI|language model|artificial intelligence)"
+        r"\bI(?:'m| am) (?:just |only |merely )?an? (?:text-based |large )?"
+        r"(?:AI|language model|artificial intelligence)"
         r"(?: (?:assistant|model|language model|chatbot))?(?=[,.;!]| and\b| so\b| without\b)",
     ],
     "ru": [
-        rf"(?:^|[^\w])(?:я )?(?:пока )?не (?:могу|смогу|буду|стану|в состоянии|имею возможности|готова?)(?:\s+\S+){{0,3}}?\s+{_RU_VERBS}",
+        r"(?:^|[^\w])(?:я )?(?:пока )?не (?:могу|смогу|буду|стану|в состоянии|имею возможности|готова?)"
+        rf"(?:\s+\S+){{0,3}}?\s+{_RU_VERBS}",
         r"^(?:извините|простите|прошу прощения|мне (?:очень )?жаль|к сожалению|увы|боюсь|sorry)[,.!…—–:\s-]*(?:но\s+)?"
         r"(?:я\s+)?(?:пока\s+)?(?:не|вынужден)\s",
         r"мне (?:некомфортно|неудобно) (?:писать|помогать|создавать|отвечать)|мне не стоит (?:помогать|отвечать|этого)",
@@ -245,7 +251,8 @@ def normalized(text: str) -> str:
 
 
 def drop_reason(answer: str, finish_reason: str, prompt_lang: str | None, filters: list[str],
-                languages: tuple[str, ...], extra_refusals: tuple[str, ...] = (), prompt: str | None = None) -> str | None:
+                languages: tuple[str, ...], extra_refusals: tuple[str, ...] = (),
+                prompt: str | None = None) -> str | None:
     if "empty" in filters and not answer.strip():
         return "empty"
     if "truncated" in filters and finish_reason == "length":
