@@ -50,6 +50,8 @@ def test_refusals_in_the_answers_own_voice():
     assert drop("## Answer\n\nＩ＇ｍ sorry, but I can't help with that.") == "refusal"
     assert drop("抱歉，我无法协助满足该请求。", "zh") == "refusal"
     assert drop("Извините, но я не могу помочь с «этим».", "ru") == "refusal"
+    assert drop("“I’m sorry, but I can’t help with that.”") == "refusal"  # wholly quoted: still its own words
+    assert drop("**Answer:** I can't help with that.\n**Reason:** it would be illegal.") == "refusal"
     assert drop("HAL's line “I’m sorry, Dave. I’m afraid I can’t do that.” is famous.") is None
     assert drop("— Извини, не могу, — ответила она.\n— Почему? — спросил он.", "ru") is None
     assert drop("Извините, я не могу прийти завтра.", "en", prompt="Translate into Russian: Sorry, I can't come "

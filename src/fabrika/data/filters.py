@@ -45,7 +45,10 @@ _DOUBLE_QUOTED = re.compile(r'"[^"]{0,600}?"', re.S)
 # apostrophe inside a word (can't) closes nothing
 _SINGLE_QUOTED = re.compile(r"(?<!\w)'(?:[^'\n]|(?<=\w)'(?=\w)){1,300}?'(?!\w)")
 _ITALIC = re.compile(r"(?<![*\w])\*(?![\s*])[^*\n]+?(?<![\s*])\*(?![*\w])|(?<!\w)_(?!\s)[^_\n]+?(?<!\s)_(?!\w)")
-_SPEAKER = re.compile(r"^\s*[\w .'-]{1,24}:\s*\S")  # "Anna: ...", "MARK: ...", "小王: ..."
+_SPEAKER = re.compile(r"^\s*([\w .'-]{1,24}):\s*\S")  # "Anna: ...", "MARK: ...", "小王: ..."
+# labels that head the sections of an answer rather than the lines of a dialogue
+_SECTIONS = {"note", "answer", "reason", "response", "important", "warning", "example", "output", "summary",
+             "explanation", "result", "примечание", "ответ", "причина", "важно", "пример", "注意", "回答", "原因", "说明"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。!?;])|\n+")
 
 
@@ -54,7 +57,8 @@ def own_voice(text: str) -> str:
     headings, and dialogue (dash-led lines, or two or more "Speaker: line" lines). An answer that is
     wholly a quotation is its own voice."""
     lines = [ln for ln in _CODE.sub(" ", fold(text)).split("\n") if not re.match(r"\s*(?:>|#|[—–]\s*\S)", ln)]
-    if sum(bool(_SPEAKER.match(ln)) for ln in lines) >= 2:
+    speakers = [m.group(1).strip().lower() for m in map(_SPEAKER.match, lines) if m]
+    if len(speakers) >= 2 and (len(set(speakers)) < len(speakers) or not set(speakers) & _SECTIONS):
         lines = [ln for ln in lines if not _SPEAKER.match(ln)]
     unquoted = "\n".join(lines)
     t = _ITALIC.sub('""', _SINGLE_QUOTED.sub('""', _DOUBLE_QUOTED.sub('""', unquoted)))
