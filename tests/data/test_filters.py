@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 from helpers import REPO
 
+from fabrika.data import collect
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
 
@@ -62,6 +63,8 @@ def test_user_patterns_stay_and_bad_ones_are_named():
     assert drop("Let us change the subject, dear user.", extra=(r"^let us change the subject",)) == "refusal"
     with pytest.raises(FabrikaError, match="refusal_patterns: not a valid regular expression"):
         drop("Fine.", extra=("(unclosed",))
+    with pytest.raises(ValueError, match="'.unclosed' is not a valid regular expression"):
+        collect.CONFIG(source="x", teacher="t", refusal_patterns=["(unclosed"])
 
 
 def test_language_expected_by_the_request():

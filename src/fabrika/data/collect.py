@@ -6,7 +6,9 @@
 or as the `collect` stage of a pipeline. Every teacher response is appended to `journal.jsonl`
 (written at once, fsync'd every second) before anything else happens to it, rejected ones too with
 their reason; a crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing,
-so nothing paid for is lost and the dataset equals an uninterrupted run's. In preference mode each
+so nothing paid for is lost and the dataset equals an uninterrupted run's. A quota counts kept rows:
+answers the filters drop (data/filters.py) are made up for with more prompts from the same language's
+pool, within `max_requests`. In preference mode each
 prompt gets k candidates from the teacher (and from a student, when one is named); a judge grades
 each with FastChat's single-answer prompt and the best and worst become chosen/rejected, or, with no
 judge, the teacher's answer is chosen over the student's.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter, defaultdict
@@ -72,7 +75,8 @@ class CollectConfig(Config):
     max_tokens: int = Field(2048, ge=1, description="Longest teacher answer.")
     n: int = Field(1, ge=1, le=8, description="Answers per prompt.")
     filters: list[str] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
-    refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes.")
+    refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes, matched like the "
+                                        "built-in ones against the sentences of the answer's own voice.")
     refusal_judge: str | None = Field(None, description="Also ask this model whether each kept answer is a refusal.")
     client: dict[str, Any] = Field(default_factory=dict, description="Client settings (concurrency, limits, ...).")
     preference: PreferenceParams | None = Field(None, description="Preference mode: chosen/rejected pairs.")
@@ -84,6 +88,16 @@ class CollectConfig(Config):
         unknown = [f for f in v if f not in F.FILTERS]
         if unknown:
             raise ValueError(f"unknown filter(s) {unknown}; known: {', '.join(F.FILTERS)}")
+        return v
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns(cls, v):
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
         return v
 
     @field_validator("quota", mode="before")

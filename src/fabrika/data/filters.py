@@ -54,8 +54,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。!?;])|\n+")
 
 def own_voice(text: str) -> str:
     """The folded answer without what it quotes: code, quoted spans and titles, italics, block quotes,
-    headings, and dialogue (dash-led lines, or two or more "Speaker: line" lines). An answer that is
-    wholly a quotation is its own voice."""
+    headings, and dialogue (dash-led lines, or "Speaker: line" lines when the labels are not section
+    labels like "Answer:"). An answer that is wholly a quotation is its own voice."""
     lines = [ln for ln in _CODE.sub(" ", fold(text)).split("\n") if not re.match(r"\s*(?:>|#|[—–]\s*\S)", ln)]
     speakers = [m.group(1).strip().lower() for m in map(_SPEAKER.match, lines) if m]
     if len(speakers) >= 2 and (len(set(speakers)) < len(speakers) or not set(speakers) & _SECTIONS):
@@ -134,20 +134,15 @@ REFUSALS = {
 
 @lru_cache(maxsize=64)
 def _refusal_re(extra: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(f"(?:{p})" for ps in REFUSALS.values() for p in ps + list(extra)), re.I | re.M)
-
-
-@lru_cache(maxsize=64)
-def _user_patterns(extra: tuple[str, ...]) -> re.Pattern | None:
     try:
-        return re.compile("|".join(f"(?:{p})" for p in extra), re.I | re.M) if extra else None
+        return re.compile("|".join(f"(?:{p})" for p in [*(p for ps in REFUSALS.values() for p in ps), *extra]),
+                          re.I | re.M)
     except re.error as e:
         raise FabrikaError(f"collect.refusal_patterns: not a valid regular expression ({e})") from None
 
 
 def is_refusal(text: str, extra: tuple[str, ...] = ()) -> bool:
     """Does the answer itself refuse? Its first two sentences, or most of it (by length), refuse."""
-    _user_patterns(extra)  # a bad pattern is reported as such, not as a regex traceback
     pattern = _refusal_re(extra)
     parts = sentences(own_voice(text))
     if not parts:
