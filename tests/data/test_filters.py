@@ -75,3 +75,6 @@ def test_language_expected_by_the_request():
     drift = "The Great Wall of China is over 21,000 kilometers long and was mostly built in the Ming dynasty."
     assert drop(drift, "zh", prompt="长城有多长？") == "language_mismatch"
     assert drop(drift, "zh") == "language_mismatch"
+    essay = "Русская литература XIX века подарила миру Пушкина, Толстого, Достоевского и Чехова."
+    assert drop(essay, "en", prompt="Write a short essay about Russian literature.") == "language_mismatch"
+    assert drop(essay, "en", prompt="Write a short essay about Russian literature in Russian.") is None

@@ -162,12 +162,15 @@ LANGUAGE_NAMES = {  # Tagengo and many datasets name languages in English
     "indonesian": "id", "czech": "cs", "swedish": "sv", "finnish": "fi", "danish": "da", "greek": "el",
     "hebrew": "he", "hungarian": "hu", "romanian": "ro", "persian": "fa", "bengali": "bn", "kazakh": "kk",
 }
-# How prompts in English, Russian and Chinese name a language they want the answer in.
-_NAMED_IN_PROMPTS = {
-    "en": r"english|англ|英文|英语", "ru": r"russian|русск|по-русски|俄语|俄文", "zh": r"chinese|mandarin|китайск|中文|汉语|普通话",
-    "de": r"german|немецк|德语|德文", "fr": r"french|французск|法语|法文", "es": r"spanish|испанск|西班牙语",
-    "ja": r"japanese|японск|日语|日文", "ko": r"korean|корейск|韩语|韩文", "uk": r"ukrainian|украинск|乌克兰语",
-}
+# How prompts in English, Russian and Chinese ask for an answer in a language: "in/into/to English",
+# «на английский», «по-английски», 用英文 / 翻译成英文. {code: (English name, Russian stem, Chinese names)}
+_LANGUAGE_WORDS = {"en": ("english", "английск", "英文|英语"), "ru": ("russian", "русск", "俄语|俄文"),
+                   "zh": ("chinese|mandarin", "китайск", "中文|汉语|普通话"), "de": ("german", "немецк", "德语|德文"),
+                   "fr": ("french", "французск", "法语|法文"), "es": ("spanish", "испанск", "西班牙语"),
+                   "ja": ("japanese", "японск", "日语|日文"), "ko": ("korean", "корейск", "韩语|韩文"),
+                   "uk": ("ukrainian", "украинск", "乌克兰语")}
+_ASKED_IN = {code: re.compile(rf"\b(?:in|into|to)\s+(?:{en})\b|\bна\s+{ru}|\bпо-{ru}и|(?:用|成|为|译)\s*(?:{zh})", re.I)
+             for code, (en, ru, zh) in _LANGUAGE_WORDS.items()}
 _TRANSLATE = re.compile(r"translat|\b(?:say|answer|reply|respond|write|explain)\b|перев|по-\w+|(?:ответь|ответьте|"
                         r"напиши|напишите|как будет|как сказать)|翻译|译成|译为|怎么说|用.{1,4}(?:回答|写|说|回复)", re.I)
 _TRANSLATION = re.compile(r"translat|how (?:do|would) (?:you|I) say|перев|как (?:будет|сказать)|翻译|译成|译为|怎么说", re.I)
@@ -214,7 +217,7 @@ def expected_languages(prompt: str | None, prompt_lang: str, codes: tuple[str, .
     if not prompt:
         return accepted
     if _TRANSLATE.search(prompt):
-        accepted |= {code for code, names in _NAMED_IN_PROMPTS.items() if re.search(names, prompt, re.I)}
+        accepted |= {code for code, asked in _ASKED_IN.items() if asked.search(prompt)}
     if _EDIT.search(prompt):
         for part in detector(codes).detect_multiple_languages_of(_CODE.sub(" ", prompt[:4000])):
             if part.end_index - part.start_index >= 20:
@@ -239,7 +242,7 @@ def is_translation(answer: str, prompt: str | None, prompt_lang: str | None, cod
     words are the source's, not its own: "Sorry, I can't come" translated is not a refusal."""
     if not prompt or not prompt_lang or not _TRANSLATION.search(prompt):
         return False
-    targets = {code for code, names in _NAMED_IN_PROMPTS.items() if re.search(names, prompt, re.I)} - {prompt_lang}
+    targets = {code for code, asked in _ASKED_IN.items() if asked.search(prompt)} - {prompt_lang}
     return bool(targets) and detect(answer, tuple(sorted(set(codes) | targets))) in targets
 
 
