@@ -1,7 +1,8 @@
 """Quotas count kept rows: the installed `fabrika collect` against a teacher that refuses a third of the
 prompts (GPT-4o's refusals, typographic apostrophes and all) draws more prompts from the same
 language until the quota is met or the pool runs out, never asks a prompt twice, makes the same draws
-after kill -9, and a rerun of a finished run sends nothing. The teacher's own request log is the witness."""
+after kill -9 and after the teacher fails in the middle of the refills, and a rerun of a finished run
+sends nothing. The teacher's own log of answered prompts is the witness."""
 
 from __future__ import annotations
 
@@ -34,16 +35,19 @@ PROMPT = {"en": "Tell me about {t}, please.", "ru": "Расскажи, пожа�
 
 
 def _teacher():
-    """Each prompt's reply: every third topic is refused. Returns (reply rule, request log)."""
-    replies, log = {}, []
+    """Each prompt's reply (every third topic refused), a log of the prompts answered, and a switch that
+    makes the teacher fail (HTTP 500) once it has answered a given number of prompts."""
+    replies, log, down_after = {}, [], [None]
     for lang, topics in TOPICS.items():
         for i, t in enumerate(topics):
             replies[PROMPT[lang].format(t=t)] = REFUSAL[lang] if i % 3 == 0 else ANSWER[lang].format(t=t)
 
     def reply(messages):
+        if down_after[0] is not None and len(log) >= down_after[0]:
+            raise RuntimeError("teacher down")
         log.append(messages[-1]["content"])
         return replies[messages[-1]["content"]]
-    return reply, log
+    return reply, log, down_after
 
 
 def _config(tmp_path, url: str) -> str:
@@ -62,7 +66,7 @@ def _kept(out) -> Counter:
 
 
 def test_quota_of_kept_rows_refills_from_the_pool_and_resumes(tmp_path):
-    reply, log = _teacher()
+    reply, log, down_after = _teacher()
     with scripted_server(reply) as url:
         cfg = _config(tmp_path, url)
         whole = tmp_path / "whole"
@@ -89,9 +93,13 @@ def test_quota_of_kept_rows_refills_from_the_pool_and_resumes(tmp_path):
         r = run_cli("collect", "--config", cfg, "--out", str(resumed), "--quiet",
                     env={"FABRIKA_FAULT_KILL_AFTER_ROWS": "10"})
         assert r.returncode == -signal.SIGKILL
+        down_after[0] = 20  # the teacher goes down in the middle of the refills
+        r = run_cli("collect", "--config", cfg, "--out", str(resumed), "--quiet")
+        assert r.returncode == 2 and "run the same command again" in r.stderr, r.stderr
+        down_after[0] = None
         r = run_cli("collect", "--config", cfg, "--out", str(resumed), "--quiet")
         assert r.returncode == 0, r.stderr
-        assert len(log) - len(set(log)) <= 1  # at most the request in flight at the kill was sent again
+        assert len(log) - len(set(log)) <= 1  # at most the request in flight at the kill was answered twice
         assert len(set(log)) == asked
     ids = lambda out: [j["id"] for j in read_jsonl(out / collect.JOURNAL)]  # noqa: E731
     assert sorted(ids(resumed)) == sorted(ids(whole))  # the same draws
@@ -99,7 +107,7 @@ def test_quota_of_kept_rows_refills_from_the_pool_and_resumes(tmp_path):
 
 
 def test_max_requests_bounds_the_draws(tmp_path):
-    reply, log = _teacher()
+    reply, log, _ = _teacher()
     with scripted_server(reply) as url:
         settings = yaml.safe_load(open(_config(tmp_path, url), encoding="utf-8"))
         cfg = collect.CONFIG(**{**settings, "quota": {"en": 6}, "max_requests": 7})
