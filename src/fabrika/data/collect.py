@@ -301,7 +301,7 @@ def fill_quotas(cfg: CollectConfig, ctx: RunContext, pools: dict[str, list[dict]
         short = {lang: want - kept.get(lang, 0) for lang, want in cfg.quota.items() if kept.get(lang, 0) < want}
         if not short:
             return prompts, f"quotas met ({sum(drawn.values())} prompts asked)"
-        empty = [lang for lang in short if drawn[lang] == len(pools[lang])]
+        empty = sorted(lang for lang in short if drawn[lang] == len(pools[lang]))
         room = budget - sum(drawn.values())
         grew = False
         for lang in sorted(set(short) - set(empty)):
