@@ -107,7 +107,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name
 @app.command()
 def collect(
     source: Optional[str] = typer.Option(None, "--source", help="Hub dataset id or local file/dir."),
-    quota: Optional[str] = typer.Option(None, "--quota", help="Prompts per language: ru=1000,en=1000,zh=1000."),
+    quota: Optional[str] = typer.Option(None, "--quota", help="Kept rows per language: ru=1000,en=1000,zh=1000."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="openai:gpt-4o, openai:M@URL, hf:DIR, ..."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,

@@ -47,15 +47,15 @@ def test_filters_on_real_texts():
 
 def test_sampling_quotas_dedup_and_malformed(capsys):
     cfg = collect.CONFIG(source=str(SAMPLE), quota="ru=5,en=7,zh=20", teacher="x")
-    picked, stats = collect.sample_prompts(cfg, str(SAMPLE))
-    langs = [p["language"] for p in picked]
-    assert langs.count("ru") == 5 and langs.count("en") == 7 and langs.count("zh") == 20
+    pools, stats = collect.sample_prompts(cfg, str(SAMPLE))
+    assert set(pools) == {"ru", "en", "zh"} and all(p["language"] == lang for lang in pools for p in pools[lang])
+    assert len(pools["zh"]) >= 20 and stats["pool_ru"] == len(pools["ru"]) >= 5
     assert stats["malformed_rows"] == 1 and "bad-1" in capsys.readouterr().out
     again, _ = collect.sample_prompts(cfg, str(SAMPLE))
-    assert [p["id"] for p in again] == [p["id"] for p in picked]  # seeded, reproducible
+    assert {k: [p["id"] for p in v] for k, v in again.items()} == {k: [p["id"] for p in v] for k, v in pools.items()}
     more = collect.CONFIG(source=str(SAMPLE), quota={"ru": 25}, teacher="x")
-    picked, _ = collect.sample_prompts(more, str(SAMPLE))
-    assert len(picked) == 20 and "only 20 ru prompts" in capsys.readouterr().out
+    pools, _ = collect.sample_prompts(more, str(SAMPLE))
+    assert len(pools["ru"]) == 20 and "only 20 ru prompts" in capsys.readouterr().out
 
 
 def _collect_config(tmp_path, url: str, **extra) -> Path:
@@ -85,9 +85,9 @@ def test_kill_and_resume_asks_only_for_what_is_missing(server, tmp_path):
         before = proxy.received  # 4, or 5 when the next request was in flight at the kill
         r = run_cli("collect", "--config", str(cfg), "--out", str(out))
         assert r.returncode == 0, r.stderr
-        assert proxy.received - before == 5  # the 4 journaled prompts were not asked again
         ids = [j["id"] for j in read_jsonl(out / collect.JOURNAL)]
-        assert len(ids) == len(set(ids)) == 9
+        assert len(ids) == len(set(ids)) >= 9  # more when duplicates were dropped and refilled
+        assert proxy.received - before == len(ids) - 4  # the 4 journaled prompts were not asked again
         assert "collect" in r.stdout and "sampled" in r.stdout  # the summary table
 
         whole = tmp_path / "whole"
@@ -99,7 +99,7 @@ def test_kill_and_resume_asks_only_for_what_is_missing(server, tmp_path):
     assert rows[0]["messages"][-1]["role"] == "assistant"
     assert (out / "data.parquet").exists() and (out / "sharegpt.jsonl").exists()
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "| ru | 3 | 3 |" in card
+    assert "| ru | 3 | " in card and "drawing stopped: quotas met" in card
 
 
 def test_teacher_errors_stop_with_the_journal_intact(chat_model, tmp_path):
@@ -165,7 +165,9 @@ def test_preference_pairs_teacher_over_student_and_llm_refusal_check(server, tmp
     kept = [r["messages"][-1]["content"] for r in _rows(art.dir)]
     assert kept and all(len(t) % 2 == 1 for t in kept)
     dropped = art.metrics["by_language"]["en"].get("dropped:refusal_llm", 0)
-    assert dropped > 0 and dropped + len(kept) == 12
+    asked = sum(r["kind"] == "answer" for r in read_jsonl(art.dir / collect.JOURNAL))
+    assert dropped > 0 and dropped + len(kept) == 2 * asked  # refills: 3 prompts for 6 rows, then up to 5
+    assert len(kept) >= 6 or art.metrics["stop"].endswith("max_requests (5) spent")
 
 
 def test_failed_judge_requests_are_never_recorded_as_verdicts(server, tmp_path):

@@ -9,7 +9,9 @@ their reason, keyed by the prompt's id and a hash of its messages (user datasets
 crash, Ctrl-C or kill -9 followed by the same command asks only for what is missing, so nothing paid
 for is lost and the dataset equals an uninterrupted run's. Responses are also cached per user,
 outside the stage directory: a stage restarted with other settings (a pipeline deletes its
-directory) gets back every answer it already paid for.
+directory) gets back every answer it already paid for. A quota counts kept rows: answers the filters
+drop (data/filters.py) are made up for with more prompts from the same language's pool, within
+`max_requests`.
 
 In preference mode each prompt gets k candidates from the teacher (and from a student, when one is
 named); a judge grades each with FastChat's single-answer prompt and the best and worst become
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter, defaultdict
@@ -65,7 +68,10 @@ class CollectConfig(Config):
     prompt_field: str = Field("prompt", description="Column of a plain-prompt source.")
     id_field: str | None = Field(None, description="Column with a stable row id (default: conversation_id/id/row).")
     language_field: str | None = Field("language", description="Column with the language; detected when absent.")
-    quota: dict[str, int] | None = Field(None, description="Prompts per language, e.g. {ru: 1000, en: 1000}.")
+    quota: dict[str, int] | None = Field(None, description="Kept rows per language, e.g. {ru: 1000, en: 1000}: "
+                                        "prompts are drawn until that many answers pass the filters.")
+    max_requests: int | None = Field(None, ge=1, description="Most prompts sent to the teacher while filling the "
+                                     "quotas (default: 1.5x the prompts they need if nothing is dropped).")
     seed: int = Field(3407, description="Sampling seed.")
     min_chars: int = Field(8, ge=0, description="Shortest prompt kept.")
     max_chars: int = Field(8000, ge=1, description="Longest prompt kept.")
@@ -75,7 +81,8 @@ class CollectConfig(Config):
     max_tokens: int = Field(2048, ge=1, description="Longest teacher answer.")
     n: int = Field(1, ge=1, le=8, description="Answers per prompt.")
     filters: list[str] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
-    refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes.")
+    refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes, matched like the "
+                                        "built-in ones against the sentences of the answer's own voice.")
     refusal_judge: str | None = Field(None, description="Also ask this model whether each kept answer is a refusal.")
     client: ClientConfig = Field(default_factory=ClientConfig, description="Client settings (concurrency, limits, "
                                  "retries, cache_dir, ...).")
@@ -90,6 +97,16 @@ class CollectConfig(Config):
             raise ValueError(f"unknown filter(s) {unknown}; known: {', '.join(F.FILTERS)}")
         return v
 
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns(cls, v):
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression ({e})") from None
+        return v
+
     @field_validator("quota", mode="before")
     @classmethod
     def _quota(cls, v):
@@ -100,8 +117,28 @@ class CollectConfig(Config):
                 raise ValueError("expected LANG=N,LANG=N (e.g. ru=1000,en=1000)") from None
         return v
 
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.quota and self.max_requests is not None and self.max_requests < first_draw(self):
+            raise ValueError(f"max_requests ({self.max_requests}) is below the {first_draw(self)} prompts the "
+                             "quotas need even if no answer is dropped")
+        return self
+
 
 CONFIG = CollectConfig
+
+
+def rows_per_prompt(cfg: CollectConfig) -> int:
+    return 1 if cfg.preference else cfg.n
+
+
+def first_draw(cfg: CollectConfig) -> int:
+    """Prompts the quotas need if every answer is kept."""
+    return sum(-(-want // rows_per_prompt(cfg)) for want in cfg.quota.values())
+
+
+def max_requests(cfg: CollectConfig) -> int:
+    return cfg.max_requests or -(-3 * first_draw(cfg) // 2)
 
 
 def inputs(cfg: CollectConfig) -> list[str]:
@@ -112,8 +149,9 @@ def inputs(cfg: CollectConfig) -> list[str]:
 
 # --- sampling --------------------------------------------------------------------------------
 
-def sample_prompts(cfg: CollectConfig, ref: str, say=print) -> tuple[list[dict], dict[str, Any]]:
-    """Convert, clean, deduplicate and sample the prompts; the last user turn is what the teacher answers."""
+def sample_prompts(cfg: CollectConfig, ref: str, say=print) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """Convert, clean and deduplicate the prompts into one pool per language, in the seeded order they are
+    drawn in (with a quota, only the quota's languages); the last user turn is what the teacher answers."""
     ds = load_dataset_any(ref, cfg.split)
     cols = ds.column_names
     needed = {"messages": ["messages"], "sharegpt": ["conversations"], "alpaca": ["instruction", "output"],
@@ -163,19 +201,18 @@ def sample_prompts(cfg: CollectConfig, ref: str, say=print) -> tuple[list[dict],
     if bad:
         say(f"{ref}: skipped {len(bad)} malformed rows (first: {', '.join(f'{i}: {w}' for i, w in bad[:3])})")
     rng = random.Random(cfg.seed)
-    picked: list[dict] = []
+    pools: dict[str, list[dict]] = {}
     for lang in sorted(cfg.quota or by_lang):
-        pool = sorted(by_lang.get(lang, []), key=lambda r: r["id"])
-        want = (cfg.quota or {}).get(lang, len(pool))
-        if len(pool) < want:
-            say(f"collect: only {len(pool)} {lang} prompts for a quota of {want}")
-        rng.shuffle(pool)
-        picked += pool[:want]
-        stats[f"sampled_{lang}"] = min(want, len(pool))
+        pools[lang] = sorted(by_lang.get(lang, []), key=lambda r: r["id"])
+        want = (cfg.quota or {}).get(lang, len(pools[lang]))
+        if len(pools[lang]) < want:
+            say(f"collect: only {len(pools[lang])} {lang} prompts for a quota of {want}")
+        rng.shuffle(pools[lang])
+        stats[f"pool_{lang}"] = len(pools[lang])
     stats["malformed_rows"] = len(bad)
-    if not picked:
+    if not any(pools.values()):
         raise FabrikaError(f"collect: no prompts left from {ref} (languages found: {dict((k, len(v)) for k, v in by_lang.items())})")
-    return picked, dict(stats)
+    return pools, dict(stats)
 
 
 # --- asking the teacher, journaled -----------------------------------------------------------
@@ -224,7 +261,8 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
             return
         rows = []
         for j, c in enumerate(result):
-            reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes, tuple(cfg.refusal_patterns))
+            reason = F.drop_reason(c.text, c.finish_reason, p["language"], cfg.filters, codes,
+                                   tuple(cfg.refusal_patterns), prompt=p["messages"][-1]["content"])
             rows.append({"text": c.text, "finish_reason": c.finish_reason, "drop": reason,
                          "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "cost": c.cost, "index": j})
@@ -270,9 +308,52 @@ def duplicate_ids(prompts: list[dict], say=print) -> int:
 def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.source)
     say = (lambda m: None) if ctx.quiet else print
-    prompts, stats = sample_prompts(cfg, source, say)
-    stats["duplicate_ids"] = duplicate_ids(prompts, say)
+    pools, stats = sample_prompts(cfg, source, say)
     client = {"cache_dir": str(default_cache_dir()), **cfg.client.model_dump(exclude_unset=True)}
+    prompts, stats["stop"] = fill_quotas(cfg, ctx, pools, client)
+    stats["duplicate_ids"] = duplicate_ids(prompts, say)
+    say(f"collect: {stats['stop']}")
+    return _write_dataset(cfg, ctx, prompts, stats)
+
+
+def fill_quotas(cfg: CollectConfig, ctx: RunContext, pools: dict[str, list[dict]],
+                client: dict[str, Any]) -> tuple[list[dict], str]:
+    """Draw each language's pool in order until its quota of *kept* rows is met, the pool is empty, or
+    max_requests prompts have been drawn; return the prompts drawn and which of these ended it.
+
+    Each round asks only for prompts the journal lacks and counts kept rows exactly as the dataset
+    will, so the draws are a function of the journal: a rerun after a crash, or of a finished run,
+    makes the same draws and sends nothing that was already answered."""
+    if not cfg.quota:
+        prompts = [p for lang in sorted(pools) for p in pools[lang]]
+        _ask(cfg, ctx, prompts, client)
+        return prompts, "every prompt of the source asked"
+    budget, per_prompt = max_requests(cfg), rows_per_prompt(cfg)
+    drawn = {lang: min(-(-want // per_prompt), len(pools[lang])) for lang, want in sorted(cfg.quota.items())}
+    while True:
+        prompts = [p for lang in drawn for p in pools[lang][:drawn[lang]]]
+        _ask(cfg, ctx, prompts, client)
+        kept = {lang: c["kept"] for lang, c in _dataset_rows(cfg, _journal(ctx), prompts)[1].items()}
+        short = {lang: want - kept.get(lang, 0) for lang, want in cfg.quota.items() if kept.get(lang, 0) < want}
+        if not short:
+            return prompts, f"quotas met ({sum(drawn.values())} prompts asked)"
+        empty = sorted(lang for lang in short if drawn[lang] == len(pools[lang]))
+        room = budget - sum(drawn.values())
+        grew = False
+        for lang in sorted(set(short) - set(empty)):
+            more = min(-(-short[lang] // per_prompt), len(pools[lang]) - drawn[lang], room)
+            drawn[lang] += more
+            room -= more
+            grew |= more > 0
+        if not grew:
+            why = ([f"no prompts left in the {', '.join(empty)} pool"] if empty else []) + \
+                  ([f"max_requests ({budget}) spent"] if set(short) - set(empty) else [])
+            counts = ", ".join(f"{lang} {kept.get(lang, 0)} of {cfg.quota[lang]}" for lang in sorted(short))
+            return prompts, f"quota not met ({counts}): {' and '.join(why)}"
+
+
+def _ask(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], client: dict[str, Any]) -> None:
+    """Every request the prompts need that the journal lacks: answers, then the checks and grades of them."""
     pref = cfg.preference
     if pref:
         _answer(cfg, ctx, "answer", cfg.teacher, prompts, pref.k, pref.temperature, client)
@@ -284,7 +365,6 @@ def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
         _answer(cfg, ctx, "answer", cfg.teacher, prompts, cfg.n, cfg.temperature, client)
         if cfg.refusal_judge:
             _classify_refusals(cfg, ctx, prompts, client)
-    return _write_dataset(cfg, ctx, prompts, stats)
 
 
 def candidates(journal: dict[str, dict[str, dict]], key: str) -> list[dict]:
@@ -389,14 +469,21 @@ def _preference_row(cfg: CollectConfig, p: dict, journal: dict, t: Counter) -> d
             "teacher": cfg.teacher}
 
 
-def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], stats: dict[str, Any]) -> Artifact:
-    import datasets
-
-    out = ctx.stage_dir
-    journal = _journal(ctx)
+def _dataset_rows(cfg: CollectConfig, journal: dict, prompts: list[dict]
+                  ) -> tuple[list[dict], dict[str, Counter], dict]:
+    """The rows the journal gives for these prompts, the counts per language (sampled, answered, kept,
+    dropped by each filter, tokens, cost), and the first three answers each filter dropped per language
+    (for the dataset card)."""
     table: dict[str, Counter] = defaultdict(Counter)
+    examples: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     rows = []
     seen_answers: set[str] = set()
+
+    def dropped(lang: str, reason: str, p: dict, text: str) -> None:
+        table[lang][f"dropped:{reason}"] += 1
+        if len(examples[lang][reason]) < 3:
+            examples[lang][reason].append({"id": p["id"], "prompt": p["messages"][-1]["content"], "answer": text})
+
     for p in prompts:
         lang = p["language"] or "?"
         t = table[lang]
@@ -411,7 +498,7 @@ def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], sta
                 t["tokens"] += c["prompt_tokens"] + c["completion_tokens"]
                 t["cost_usd"] += c["cost"]
                 if c["drop"]:
-                    t[f"dropped:{c['drop']}"] += 1
+                    dropped(lang, c["drop"], p, c["text"])
         if cfg.preference:
             row = _preference_row(cfg, p, journal, t)
             if row:
@@ -426,13 +513,21 @@ def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], sta
                 reason = "duplicate" if key in seen_answers else None
                 seen_answers.add(key)
             if reason:
-                t[f"dropped:{reason}"] += 1
+                dropped(lang, reason, p, c["text"])
                 continue
             t["kept"] += 1
             rows.append({"messages": p["messages"] + [{"role": "assistant", "content": c["text"]}], "language": lang,
                          "source": cfg.source, "id": p["id"], "teacher": a["teacher"],
                          "finish_reason": c["finish_reason"], "prompt_tokens": c["prompt_tokens"],
                          "completion_tokens": c["completion_tokens"]})
+    return rows, table, examples
+
+
+def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], stats: dict[str, Any]) -> Artifact:
+    import datasets
+
+    out = ctx.stage_dir
+    rows, table, examples = _dataset_rows(cfg, _journal(ctx), prompts)
     if not rows:
         raise FabrikaError(f"collect: no answer survived the filters ({dict((k, dict(v)) for k, v in table.items())})")
     ds = datasets.Dataset.from_list(rows)
@@ -443,7 +538,7 @@ def _write_dataset(cfg: CollectConfig, ctx: RunContext, prompts: list[dict], sta
                                              "value": m["content"]} for m in r["messages"]]}
                ).select_columns(["id", "language", "conversations"]).to_json(str(out / "sharegpt.jsonl"), force_ascii=False)
     summary = {lang: dict(c) for lang, c in sorted(table.items())}
-    atomic_write_text(out / "README.md", _card(cfg, summary, len(rows), stats))
+    atomic_write_text(out / "README.md", _card(cfg, summary, len(rows), stats, examples))
     _print_summary(summary, ctx.quiet)
     if cfg.push_to_hub:
         ds.push_to_hub(cfg.push_to_hub, private=True)
@@ -471,18 +566,36 @@ def _print_summary(summary: dict[str, dict], quiet: bool) -> None:
     Console().print(table)
 
 
-def _card(cfg: CollectConfig, summary: dict[str, dict], rows: int, stats: dict[str, Any]) -> str:
+def _card(cfg: CollectConfig, summary: dict[str, dict], rows: int, stats: dict[str, Any], examples: dict) -> str:
+    """The dataset card: what was asked and kept per language, and what each filter threw away, with
+    three examples per language and filter so a user can judge the filters on their own data."""
     lines = ["---", "license: other", "tags: [fabrika, distillation]", "---", "",
              f"# Distilled dataset from {cfg.source}", "",
              f"Answers by `{cfg.teacher}` (temperature {cfg.temperature}, max {cfg.max_tokens} tokens), "
              f"filters: {', '.join(cfg.filters)}. {rows} rows. Made with fabrika.", "",
-             "| language | sampled | answered | kept | dropped | tokens | cost $ |", "|---|---|---|---|---|---|---|"]
+             "| language | quota | sampled | answered | kept | dropped | tokens | cost $ |",
+             "|---|---|---|---|---|---|---|---|"]
     for lang, c in summary.items():
         dropped = ", ".join(f"{k.split(':')[1]} {v}" for k, v in c.items() if k.startswith("dropped:")) or "0"
-        lines.append(f"| {lang} | {c.get('sampled', 0)} | {c.get('answered', 0)} | {c.get('kept', 0)} | {dropped} | "
-                     f"{c.get('tokens', 0)} | {c.get('cost_usd', 0):.4f} |")
-    lines += ["", "Sampling: " + ", ".join(f"{k} {v}" for k, v in stats.items())]
+        lines.append(f"| {lang} | {(cfg.quota or {}).get(lang, '—')} | {c.get('sampled', 0)} | "
+                     f"{c.get('answered', 0)} | {c.get('kept', 0)} | {dropped} | {c.get('tokens', 0)} | "
+                     f"{c.get('cost_usd', 0):.4f} |")
+    lines += ["", "Sampling: " + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "stop"), "",
+              f"Quotas count kept rows; drawing stopped: {stats['stop']}."]
+    if any(examples.values()):
+        lines += ["", "## What the filters dropped", "",
+                  "The first three answers each filter dropped, per language (shortened)."]
+    for lang in sorted(examples):
+        for reason, shown in sorted(examples[lang].items()):
+            lines += ["", f"### {lang}: {reason} ({summary[lang].get(f'dropped:{reason}', 0)} dropped)", ""]
+            lines += [f"- `{e['id']}` prompt: {_excerpt(e['prompt'], 120)} → answer: {_excerpt(e['answer'], 240)}"
+                      for e in shown]
     return "\n".join(lines) + "\n"
+
+
+def _excerpt(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return "«" + (flat if len(flat) <= limit else flat[:limit - 1] + "…") + "»"
 
 
 def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
@@ -492,7 +605,10 @@ def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
     model = ctx.resolve_model(cfg.teacher).removeprefix("openai:").split("@")[0]
     p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
     k = cfg.preference.k if cfg.preference else cfg.n
-    out: dict[str, Any] = {"api_calls": n if n else "all rows", "_rows": (n or 0) * (1 if cfg.preference else cfg.n)}
+    out: dict[str, Any] = {"api_calls": first_draw(cfg) if n else "all rows", "_rows": n or 0}
     if n:  # ~200 prompt tokens, ~600 answer tokens per call on chat data like Tagengo
-        out["est_cost_usd"] = round(n * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        worst = max_requests(cfg)  # every answer dropped until max_requests is spent
+        out["est_cost_usd"] = round(first_draw(cfg) * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        out["api_calls_max"] = worst
+        out["est_cost_max_usd"] = round(worst * (200 * p_in + 600 * k * p_out) / 1e6, 2)
     return out
