@@ -267,7 +267,10 @@ def _token_type(i: int, special_ids: set[int], added: set[int]):
 
 
 def _add_bpe(w, model_dir: Path, tok, special_ids: set[int], added: set[int]) -> str:
-    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    """Vocabulary, merges and pre-tokenizer from the backend transformers built for this directory,
+    not from tokenizer.json: for some model types (qwen2) transformers replaces the file's
+    pre-tokenizer with its own, and the GGUF must tokenize as the model is used, not as the file says."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise FabrikaError(f"{model_dir}: tokenizer model {model.get('type')!r} is not supported (BPE or SentencePiece)")
@@ -278,29 +281,37 @@ def _add_bpe(w, model_dir: Path, tok, special_ids: set[int], added: set[int]) ->
     types = [_token_type(i, special_ids, added) if i in by_id else 5 for i in range(n)]  # 5 = UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(spec, model_dir))
+    w.add_tokenizer_pre(pre_tokenizer_name(spec, model_dir))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
     return "bpe"
 
 
-def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
-    """Find llama.cpp's name for this pre-tokenizer from its regex; guessing wrong would tokenize
-    differently from transformers without any error, so an unknown one stops the export."""
+def pre_tokenizer_name(spec: dict, model_dir: Path) -> str:
+    """llama.cpp's name for this byte-level pre-tokenizer, from its regex. Guessing wrong would tokenize
+    differently from transformers without any error, so anything llama.cpp would not reproduce (an
+    unknown regex, a prefix space, a normalizer other than NFC) stops the export. NFC passes: text
+    already in NFC form, as almost all text is, tokenizes the same without it."""
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise FabrikaError(f"{model_dir}: the tokenizer's normalizer {normalizer.get('type')!r} has no llama.cpp "
+                           "counterpart (a byte-level BPE tokenizer without one, or with NFC, is supported)")
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
-    for p in parts:
-        if p.get("type") == "ByteLevel" and p.get("use_regex", True) and len(parts) == 1:
-            return "gpt-2"
-        if p.get("type") == "Split":
-            regex = p.get("pattern", {}).get("Regex")
-            if regex == GPT2_PATTERN:
-                return "gpt-2"
-            if regex in PRE_TOKENIZERS:
-                return PRE_TOKENIZERS[regex]
-    raise FabrikaError(f"{model_dir}: the tokenizer's pre-tokenizer is not one llama.cpp knows by name "
-                       f"(supported: GPT-2 byte-level, Llama-3, Qwen2)")
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    splits = [p for p in parts if p.get("type") == "Split"]
+    name = None
+    if len(parts) == 1 and byte_level and byte_level[0].get("use_regex", True):
+        name = "gpt-2"
+    elif len(parts) == 2 and len(splits) == 1 and parts[1] in byte_level and not parts[1].get("use_regex", True) \
+            and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert"):
+        regex = splits[0].get("pattern", {}).get("Regex")
+        name = "gpt-2" if regex == GPT2_PATTERN else PRE_TOKENIZERS.get(regex)
+    if name is None or any(p.get("add_prefix_space") for p in byte_level):
+        raise FabrikaError(f"{model_dir}: the tokenizer's pre-tokenizer is not one llama.cpp knows by name "
+                           f"(supported: GPT-2 byte-level, Llama-3, Qwen2; no prefix space)")
+    return name
 
 
 def _add_sentencepiece(w, sp_file: Path, tok, special_ids: set[int]) -> str:
