@@ -121,7 +121,8 @@ def test_same_ids_from_tokenizer_to_gguf(tmp_path, prepared, arch):
     model_dir = tmp_path / "pretrain" / "model"
     assert AutoTokenizer.from_pretrained(model_dir)(KNOWN, add_special_tokens=False)["input_ids"] == ids
 
-    fabrika("export", str(model_dir), "--quant", "f32", "--set", "verify.max_tokens=64", "--out", str(tmp_path / "export"))
+    fabrika("export", str(model_dir), "--quant", "f32", "--set", "verify.max_tokens=64",
+            "--out", str(tmp_path / "export"))
     gguf_file = tmp_path / "export" / "model-f32.gguf"
     report = json.loads((tmp_path / "export" / "verification.json").read_text())["verification"]["files"]["f32"]
     assert report["kl"] < 1e-4 and report["top1"] == 1.0, report

@@ -107,7 +107,7 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> Artifact:
     fast.save_pretrained(out)
 
     sample = "The quick brown fox. Быстрая лиса. 敏捷的狐狸。"
-    metrics = {"pre_tokenizer": cfg.pre_tokenizer, "vocab_size": len(fast), "documents": stats.documents, "train_bytes": stats.bytes_read,
+    metrics = {"vocab_size": len(fast), "documents": stats.documents, "train_bytes": stats.bytes_read,
                "undecodable_bytes": stats.undecodable_bytes, "seconds": round(time.time() - t0, 2),
                "chars_per_token": round(len(sample) / len(fast(sample)["input_ids"]), 3)}
     return ctx.finish(out, cfg, metrics=metrics)
@@ -115,7 +115,8 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> Artifact:
 
 def set_pre_tokenizer(tok, name: str) -> None:
     """`gpt2`: byte-level with GPT-2's regex. `qwen2`: exactly the normalizer and pre-tokenizer that
-    transformers' Qwen2Tokenizer builds (its own regex constant), so loading through that class changes nothing."""
+    transformers' Qwen2Tokenizer builds (with its own regex constant), so loading through that class
+    changes nothing."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     if name == "gpt2":
