@@ -299,16 +299,16 @@ def pre_tokenizer_name(spec: dict, model_dir: Path) -> str:
                            "counterpart (a byte-level BPE tokenizer without one, or with NFC, is supported)")
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
-    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
-    splits = [p for p in parts if p.get("type") == "Split"]
+    kinds = [p.get("type") for p in parts]
     name = None
-    if len(parts) == 1 and byte_level and byte_level[0].get("use_regex", True):
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):  # GPT-2's regex built in
         name = "gpt-2"
-    elif len(parts) == 2 and len(splits) == 1 and parts[1] in byte_level and not parts[1].get("use_regex", True) \
-            and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert"):
-        regex = splits[0].get("pattern", {}).get("Regex")
-        name = "gpt-2" if regex == GPT2_PATTERN else PRE_TOKENIZERS.get(regex)
-    if name is None or any(p.get("add_prefix_space") for p in byte_level):
+    elif kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):  # a regex, then bytes
+        split = parts[0]
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            regex = split.get("pattern", {}).get("Regex")
+            name = "gpt-2" if regex == GPT2_PATTERN else PRE_TOKENIZERS.get(regex)
+    if name is None or any(p.get("add_prefix_space") for p in parts):
         raise FabrikaError(f"{model_dir}: the tokenizer's pre-tokenizer is not one llama.cpp knows by name "
                            f"(supported: GPT-2 byte-level, Llama-3, Qwen2; no prefix space)")
     return name
