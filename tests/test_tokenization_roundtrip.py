@@ -22,7 +22,8 @@ from helpers import CORPUS, run_cli
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (make test)")
 
-FABRIKA = [shutil.which("fabrika") or str(Path(sys.executable).parent / "fabrika")]
+_BESIDE_PYTHON = Path(sys.executable).parent / "fabrika"
+FABRIKA = [str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else shutil.which("fabrika")]  # the installed script
 KNOWN = 'In 1984, 12,345 people paid $3.50 ("rent")... They\'d said: x=(a+b)/2; 2024-11-30.'
 QUESTION = "What is 12,345 + 1984? (Answer in 3 words.)"
 # the tokenizer stage's pre-tokenizer each architecture is trained with: transformers loads every
@@ -31,7 +32,8 @@ STYLE = {"llama": "gpt2", "mistral": "gpt2", "mixtral": "gpt2", "gpt2": "gpt2", 
 
 
 def fabrika(*args: str) -> str:
-    proc = run_cli(*args, "--quiet", launcher=FABRIKA) if args[0] != "chat" else run_cli(*args, launcher=FABRIKA)
+    quiet = [] if args[0] == "chat" else ["--quiet"]  # chat prints only the answer anyway
+    proc = run_cli(*args, *quiet, launcher=FABRIKA)
     assert proc.returncode == 0, f"fabrika {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -132,6 +134,7 @@ def test_same_ids_from_tokenizer_to_gguf(tmp_path, prepared, arch):
 
     llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     assert llm.tokenize(KNOWN.encode(), add_bos=False, special=False) == ids
+    assert llm.tokenize(KNOWN.encode()) == ids  # add_bos_token is false in transformers and in the GGUF
 
     conversation = [{"role": "user", "content": QUESTION}]
     prompt = load_generator(f"hf:{model_dir}").prompt_ids(conversation)

@@ -249,11 +249,22 @@ def add_tokenizer_metadata(w, model_dir: Path) -> dict[str, Any]:
     eot = _end_of_turn_id(model_dir, tok)
     if eot is not None and eot != tok.eos_token_id:
         w.add_eot_token_id(eot)
-    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)) and kind == "llama")
-    w.add_add_eos_token(False)
+    add_bos, add_eos = _adds_special_tokens(tok)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
     if tok.chat_template:
         w.add_chat_template(gguf_chat_template(tok.chat_template))
     return {"tokenizer": kind, "vocab": len(tok), "eot_id": eot}
+
+
+def _adds_special_tokens(tok) -> tuple[bool, bool]:
+    """Whether transformers puts BOS in front of (and EOS after) encoded text, read from what it does:
+    the `add_bos_token` attribute does not survive save_pretrained for every class, the behaviour does."""
+    plain = tok("Hello", add_special_tokens=False)["input_ids"]
+    full = tok("Hello")["input_ids"]
+    bos = tok.bos_token_id is not None and full[:1] == [tok.bos_token_id] and plain[:1] != [tok.bos_token_id]
+    eos = tok.eos_token_id is not None and full[-1:] == [tok.eos_token_id] and plain[-1:] != [tok.eos_token_id]
+    return bos, eos
 
 
 def _token_type(i: int, special_ids: set[int], added: set[int]):
