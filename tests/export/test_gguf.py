@@ -96,6 +96,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     llm = verify.load_llama(tmp_path / "sp.gguf", 256)
     for sample in ("To be, or not to be: that is the question.", "Мой дядя самых честных правил"):
         assert llm.tokenize(sample.encode(), add_bos=False) == tok(sample, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(sample.encode()) == tok(sample)["input_ids"]  # BOS first, as add_bos_token says
     row = parity(model_dir, tmp_path / "sp.gguf")
     assert row["top1"] == 1.0 and row["max_abs_diff"] < 1e-3
 

@@ -249,11 +249,22 @@ def add_tokenizer_metadata(w, model_dir: Path) -> dict[str, Any]:
     eot = _end_of_turn_id(model_dir, tok)
     if eot is not None and eot != tok.eos_token_id:
         w.add_eot_token_id(eot)
-    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)) and kind == "llama")
-    w.add_add_eos_token(False)
+    add_bos, add_eos = _adds_special_tokens(tok)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
     if tok.chat_template:
         w.add_chat_template(gguf_chat_template(tok.chat_template))
     return {"tokenizer": kind, "vocab": len(tok), "eot_id": eot}
+
+
+def _adds_special_tokens(tok) -> tuple[bool, bool]:
+    """Whether transformers puts BOS in front of (and EOS after) encoded text, read from what it does:
+    the `add_bos_token` attribute does not survive save_pretrained for every class, the behaviour does."""
+    plain = tok("Hello", add_special_tokens=False)["input_ids"]
+    full = tok("Hello")["input_ids"]
+    bos = tok.bos_token_id is not None and full[:1] == [tok.bos_token_id] and plain[:1] != [tok.bos_token_id]
+    eos = tok.eos_token_id is not None and full[-1:] == [tok.eos_token_id] and plain[-1:] != [tok.eos_token_id]
+    return bos, eos
 
 
 def _token_type(i: int, special_ids: set[int], added: set[int]):
@@ -267,7 +278,10 @@ def _token_type(i: int, special_ids: set[int], added: set[int]):
 
 
 def _add_bpe(w, model_dir: Path, tok, special_ids: set[int], added: set[int]) -> str:
-    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    """Vocabulary, merges and pre-tokenizer from the backend transformers built for this directory,
+    not from tokenizer.json: for some model types (qwen2) transformers replaces the file's
+    pre-tokenizer with its own, and the GGUF must tokenize as the model is used, not as the file says."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise FabrikaError(f"{model_dir}: tokenizer model {model.get('type')!r} is not supported (BPE or SentencePiece)")
@@ -278,29 +292,37 @@ def _add_bpe(w, model_dir: Path, tok, special_ids: set[int], added: set[int]) ->
     types = [_token_type(i, special_ids, added) if i in by_id else 5 for i in range(n)]  # 5 = UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(spec, model_dir))
+    w.add_tokenizer_pre(pre_tokenizer_name(spec, model_dir))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
     return "bpe"
 
 
-def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
-    """Find llama.cpp's name for this pre-tokenizer from its regex; guessing wrong would tokenize
-    differently from transformers without any error, so an unknown one stops the export."""
+def pre_tokenizer_name(spec: dict, model_dir: Path) -> str:
+    """llama.cpp's name for this byte-level pre-tokenizer, from its regex. Guessing wrong would tokenize
+    differently from transformers without any error, so anything llama.cpp would not reproduce (an
+    unknown regex, a prefix space, a normalizer other than NFC) stops the export. NFC passes: text
+    already in NFC form, as almost all text is, tokenizes the same without it."""
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise FabrikaError(f"{model_dir}: the tokenizer's normalizer {normalizer.get('type')!r} has no llama.cpp "
+                           "counterpart (a byte-level BPE tokenizer without one, or with NFC, is supported)")
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
-    for p in parts:
-        if p.get("type") == "ByteLevel" and p.get("use_regex", True) and len(parts) == 1:
-            return "gpt-2"
-        if p.get("type") == "Split":
-            regex = p.get("pattern", {}).get("Regex")
-            if regex == GPT2_PATTERN:
-                return "gpt-2"
-            if regex in PRE_TOKENIZERS:
-                return PRE_TOKENIZERS[regex]
-    raise FabrikaError(f"{model_dir}: the tokenizer's pre-tokenizer is not one llama.cpp knows by name "
-                       f"(supported: GPT-2 byte-level, Llama-3, Qwen2)")
+    kinds = [p.get("type") for p in parts]
+    name = None
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):  # GPT-2's regex built in
+        name = "gpt-2"
+    elif kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):  # a regex, then bytes
+        split = parts[0]
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            regex = split.get("pattern", {}).get("Regex")
+            name = "gpt-2" if regex == GPT2_PATTERN else PRE_TOKENIZERS.get(regex)
+    if name is None or any(p.get("add_prefix_space") for p in parts):
+        raise FabrikaError(f"{model_dir}: the tokenizer's pre-tokenizer is not one llama.cpp knows by name "
+                           f"(supported: GPT-2 byte-level, Llama-3, Qwen2; no prefix space)")
+    return name
 
 
 def _add_sentencepiece(w, sp_file: Path, tok, special_ids: set[int]) -> str:

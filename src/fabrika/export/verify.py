@@ -2,7 +2,8 @@
 distributions are compared with the Hugging Face model's on fixed calibration text.
 
 Top-1 agreement, mean KL divergence and perplexity per file; tokenizer parity on English, Russian,
-Chinese and a rendered chat; and whether llama.cpp treats the end-of-turn token as end of generation.
+Chinese, numbers with punctuation (where pre-tokenizer regexes disagree) and a rendered chat; and
+whether llama.cpp treats the end-of-turn token as end of generation.
 For F32/F16/BF16 files any real disagreement is a conversion bug, so `check_lossless` fails the export.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fabrika.errors import FabrikaError
+from fabrika.models.tokenizer import PROBE
 
 # Mean KL (nats/token) above which an unquantized file is wrong, not merely rounded: llama.cpp's
 # f16 matmuls stay far below this on real models; a missing Q/K permutation or a wrong tensor is far above.
@@ -104,6 +106,7 @@ def verify(model_dir: str | Path, files: dict[str, Path], calibration: str = "bu
     ref = hf_logits(model, ids)
 
     samples = {lang: part.strip()[:400] for lang, part in zip(("en", "ru", "zh"), text.split("\n\n\n"))}
+    samples["numbers"] = PROBE
     if tok.chat_template:
         chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Привет! 你好?"},
                 {"role": "assistant", "content": "Hello."}]

@@ -8,7 +8,9 @@ or as the `pretrain` stage of a pipeline. Reads the shards written by `prepare`,
 fixed-length sequences (documents are already separated by EOS) and trains through the Hugging Face
 Trainer, so precision, accumulation, checkpointing, DDP/FSDP/DeepSpeed come from accelerate. A killed
 run resumes exactly from its last checkpoint: model, optimizer, scheduler, RNG and data position.
-The model is saved with its tokenizer, so `AutoModelForCausalLM.from_pretrained` loads it anywhere.
+The model is saved with its tokenizer, so `AutoModelForCausalLM.from_pretrained` loads it anywhere, and
+`AutoTokenizer.from_pretrained` on the model directory gives the very tokenization the shards were
+prepared with: checked before the first step (a mismatch would waste the whole run) and after saving.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fabrika.artifacts import Artifact, RunContext, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.models.presets import ModelSpec
+from fabrika.models.tokenizer import check_loads_back
 from fabrika.train import setup
 
 MODEL_DIR = "model"
@@ -129,6 +132,7 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str
     if len(tokenizer) > hf_config.vocab_size:
         raise FabrikaError(f"pretrain: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                            f"{hf_config.vocab_size}")
+    check_loads_back(tokenizer, hf_config, "pretrain.model.arch")
     return model
 
 
@@ -195,6 +199,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     if not setup.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=model_dir, fingerprint=ctx.fingerprint)
     tokenizer.save_pretrained(model_dir)
+    check_loads_back(tokenizer, model.config, f"pretrain: {model_dir}", str(model_dir))
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
     if not cfg.train.keep_checkpoints:
