@@ -30,6 +30,29 @@ OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (r
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        print(f"fabrika {version('fabrika')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                    help="Print the installed version and exit.")) -> None:
+    pass
+
+
+def _flags_without_type() -> None:
+    """typer 0.29 prints a type after every option, flags too (`--quiet <bool>`), which reads as if a
+    flag took a value; a flag's help shows its name alone, as click's plain help does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
@@ -345,6 +368,7 @@ def _disk_full(e: BaseException | None) -> bool:
 
 def main() -> None:
     _register_phase_commands()
+    _flags_without_type()
 
     try:
         app()
