@@ -317,11 +317,13 @@ def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folder
 
 @app.command()
 def plan(
-    arch: str = typer.Option("llama", help="Architecture preset."),
-    size: str = typer.Option("8b", help="Size preset."),
-    model: Optional[str] = typer.Option(None, help="A HF config dir or Hub id instead of arch/size."),
+    arch: str = typer.Option("llama", help="Architecture: llama, mistral, mixtral, qwen2 or gpt2."),
+    size: str = typer.Option("8b", help="Size preset, e.g. 8b, 70b, 8x7b; `--size list` shows them all."),
+    model: Optional[str] = typer.Option(None, help="A HF model dir, its config.json, or a Hub id instead of "
+                                        "arch/size."),
     tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. 20e9."),
     data_gb: Optional[float] = typer.Option(None, help="Or: GB of raw text (converted at --bytes-per-token)."),
+    bytes_per_token: float = typer.Option(4.0, help="Bytes of raw text per token, for --data-gb."),
     gpu: str = typer.Option("h100", help="GPU type."),
     gpus: int = typer.Option(1, help="Number of GPUs."),
     mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed."),
@@ -334,7 +336,8 @@ def plan(
     from fabrika.models.plan import plan_command
 
     plan_command(arch=arch, size=size, model=model, tokens=tokens, data_gb=data_gb, gpu=gpu, gpus=gpus, mfu=mfu,
-                 price=price, seq_len=seq_len, micro_batch=micro_batch, json_out=json_out)
+                 price=price, seq_len=seq_len, micro_batch=micro_batch, json_out=json_out,
+                 bytes_per_token=bytes_per_token)
 
 
 @app.command("accelerate-config")
