@@ -262,8 +262,8 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
     """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
     from rich.table import Table
 
-    from fabrika.evaluate.scores import (fmt, pair_win_rate, read_judgments, read_pair_judgments, summarise,
-                                         summarise_pairs)
+    from fabrika.evaluate.scores import (fmt, pair_win_rate, question_categories, read_judgments,
+                                         read_pair_judgments, summarise, summarise_pairs)
 
     if pairwise:
         table = Table(title="MT-Bench (pairwise; disagreement between the two orders = tie)")
@@ -276,13 +276,24 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
         console.print(table)
         return
     rows = read_judgments(files)
-    summary = summarise(rows, languages={str(f): f.parent.parent.name for f in files})
+    categories = {}
+    for f in files:
+        categories.update(question_categories(f))
+    summary = summarise(rows, categories, languages={str(f): f.parent.parent.name for f in files})
     table = Table(title="MT-Bench (single-answer grading)")
     for col in ("model", "turn 1", "turn 2", "overall", "graded", "failed"):
         table.add_column(col, justify="right")
-    for model, s in sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0)):
+    ranked = sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0))
+    for model, s in ranked:
         table.add_row(model, fmt(s["turn1"]), fmt(s["turn2"]), fmt(s["overall"]), str(s["n"]), str(s["failed"]))
     console.print(table)
+    by_cat = Table(title="by category")
+    by_cat.add_column("category")
+    for model, _ in ranked:
+        by_cat.add_column(model, justify="right")
+    for cat in sorted({c for _, s in ranked for c in s["by_category"]}):
+        by_cat.add_row(cat, *(fmt(s["by_category"].get(cat)) for _, s in ranked))
+    console.print(by_cat)
     for model, s in summary.items():
         if len(s["by_language"]) > 1:
             console.print(f"{model} by language: " + ", ".join(f"{k} {fmt(v)}" for k, v in s["by_language"].items()))

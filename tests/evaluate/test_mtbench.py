@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli, write_jsonl
+from helpers import REPO, run_cli, run_fabrika, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.errors import FabrikaError
@@ -145,8 +145,15 @@ def test_show_reads_fastchat_files_and_rejects_others(tmp_path):
          "score": 9, "turn": 1, "tstamp": 1.0},
         {"question_id": 81, "model": "vicuna", "judge": ["gpt-4", "single-v1-multi-turn"], "user_prompt": "...",
          "judgment": "[[5]]", "score": 5, "turn": 2, "tstamp": 1.0}])
-    r = run_cli("eval", "show", str(fastchat))
+    fastchat_2 = write_jsonl(tmp_path / "other_single.jsonl", [
+        {"question_id": 111, "model": "alpaca", "judge": ["gpt-4", "single-v1"], "user_prompt": "...",
+         "judgment": "[[4]]", "score": 4, "turn": 1, "tstamp": 1.0}])
+    r = run_fabrika("eval", "show", str(fastchat), str(fastchat_2))
     assert r.returncode == 0 and "9.00" in r.stdout and "5.00" in r.stdout and "7.00" in r.stdout
+    by_category = r.stdout[r.stdout.index("by category"):]  # the table the command's help promises
+    writing = next(line for line in by_category.splitlines() if "writing" in line)
+    math = next(line for line in by_category.splitlines() if "math" in line)  # question 111 is math
+    assert "7.00" in writing and "—" in writing and "4.00" in math
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1}])
     r = run_cli("eval", "show", str(bad))
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr
