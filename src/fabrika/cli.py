@@ -53,6 +53,17 @@ def _flags_without_type() -> None:
     TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
 
 
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics ({"languages": {"ru": 10}}) as one row each: languages.ru."""
+    rows: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            rows.update(_flat(v, f"{prefix}{k}."))
+        else:
+            rows[f"{prefix}{k}"] = v
+    return rows
+
+
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
@@ -77,7 +88,7 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
         table = Table(title=f"{kind}: {artifact.path}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in artifact.metrics.items():
+        for k, v in _flat(artifact.metrics).items():
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(table)
     return artifact
