@@ -250,7 +250,8 @@ def eval_mtbench(
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge: openai:gpt-4o, openai:M@URL, hf:DIR."),
     answers: Optional[str] = typer.Option(None, "--answers", help="Judge this answer file instead of generating."),
     questions: Optional[int] = typer.Option(None, "--questions", help="Only the first N questions."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files "
+                                           "(default: the model's directory, file or Hub id)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model or answer file "
                                            "(pairwise; implies --mode pairwise unless --mode both)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise or both."),
@@ -262,7 +263,7 @@ def eval_mtbench(
     mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers, "questions": questions,
                             "baseline": baseline, "mode": mode}.items() if v is not None}
     art = run_stage_command("evaluate", config, {"model": model, "model_id": model_id, "mtbench": mt or None},
-                            set_, out, quiet=True)
+                            set_, out, quiet)
     console.print(Path(art.dir / "results.md").read_text(encoding="utf-8"))
 
 

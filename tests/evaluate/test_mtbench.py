@@ -287,3 +287,35 @@ def test_failed_pairwise_requests_are_judged_again(tmp_path, chat_model):
         assert not list(read_jsonl(pair_file))  # no comparison recorded from a failed request
         res = json.loads(stage.run(cfg, ctx).path.read_text())["mtbench"]["mt_bench"]["pairwise"]
         assert res["losses"] == 2 and res["errors"] == 0
+
+
+def test_mtbench_cli_names_the_model_shows_progress_and_skips_what_does_not_fit(tmp_path, chat_model):
+    """As a new user runs it: no --model-id, a question too long for the model's context, a terminal
+    that wants to see progress (and a -q run that does not)."""
+    from helpers import scripted_server
+
+    long = "word " * 3000  # more tokens than the tiny model's 2048 positions
+    first, second = M.load_questions("mt_bench")[0][:2]
+    write_jsonl(tmp_path / "my_bench.jsonl", [
+        first, {**second, "turns": [long, "and then?"]},
+        {"question_id": 999, "category": "writing", "turns": ["Say hi.", long]}])
+    with scripted_server(lambda m: "Fine. Rating: [[6]]") as judge:
+        args = ["eval", "mtbench", "--model", f"hf:{chat_model}", "--bench", str(tmp_path / "my_bench.jsonl"),
+                "--judge", f"openai:j@{judge}", "--set", "mtbench.max_new_tokens=8"]
+        r = run_fabrika(*args, "--out", str(tmp_path / "ev"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        quiet = run_fabrika(*args, "--out", str(tmp_path / "ev-quiet"), "-q")
+        assert quiet.returncode == 0, quiet.stderr[-3000:]
+    bench = tmp_path / "ev" / "my_bench"
+    assert [p.name for p in (bench / "model_answer").iterdir()] == [f"{chat_model.name}.jsonl"]
+    assert {j["model"] for j in read_jsonl(bench / "model_judgment" / "j_single.jsonl")} == {chat_model.name}
+    out = r.stdout + r.stderr
+    assert "question 82 skipped" in out and "question 999 turn 2 skipped" in out
+    assert "2048" in out and "mtbench.max_new_tokens" in out  # the limit, and the setting to change
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())["mtbench"]["my_bench"]
+    assert res["skipped"] == [{"question_id": 82, "turn": 1}, {"question_id": 82, "turn": 2},
+                              {"question_id": 999, "turn": 2}]
+    assert res["n"] == 3 and res["overall"] == 6
+    assert "| 3 | 0 | 3 |" in r.stdout  # graded, failed, skipped in the printed results
+    assert "answers" in r.stdout and "3/3" in r.stdout and "requests" in r.stdout  # both bars, with ETA
+    assert "answers" not in quiet.stdout and "requests" not in quiet.stdout

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
-from fabrika.infer.backends import GenerationParams, Generator
+from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator
 from fabrika.infer.serve import ask_model
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
@@ -57,11 +57,38 @@ def load_questions(bench: str) -> tuple[list[dict], dict[int, dict], str]:
     return questions, refs, lang
 
 
+def _fits(gen: Generator, conv: list[dict], params: GenerationParams) -> str | None:
+    """None, or why this prompt plus the answer length cannot fit the model's context (as the local
+    backends, hf: and gguf:, measure it)."""
+    check = getattr(gen, "check_length", None)
+    try:
+        if check is not None:
+            check(conv, params)
+    except ContextTooLong as e:
+        return str(e)
+    return None
+
+
 def generate_answers(gen: Generator, questions: list[dict], path: Path, model_id: str, max_new_tokens: int = 1024,
-                     batch: int = 16, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Answer every question not yet in `path` (FastChat's model_answer format), appending per batch."""
+                     batch: int = 16, progress: Callable[[int], None] | None = None,
+                     say: Callable[[str], None] = print) -> list[dict]:
+    """Answer every question not yet in `path` (FastChat's model_answer format), appending per batch.
+    A turn whose prompt does not fit the model's context is named through `say` and left unanswered
+    (a first turn: the whole question; a second turn: the answer keeps turn 1), never the whole bench."""
     done = {a["question_id"] for a in read_jsonl(path)}
-    todo = [q for q in questions if q["question_id"] not in done]
+    longest = GenerationParams(max_new_tokens=max_new_tokens)
+    todo = []
+    for q in questions:
+        if q["question_id"] in done:
+            continue
+        why = _fits(gen, [{"role": "user", "content": q["turns"][0]}], longest)
+        if why:
+            say(f"question {q['question_id']} skipped: {why}; lower mtbench.max_new_tokens or use a model with a "
+                "longer context")
+            if progress:
+                progress(1)
+            continue
+        todo.append(q)
     path.parent.mkdir(parents=True, exist_ok=True)
     by_temp: dict[float, list[dict]] = {}
     for q in todo:
@@ -73,13 +100,23 @@ def generate_answers(gen: Generator, questions: list[dict], path: Path, model_id
             convs = [[{"role": "user", "content": q["turns"][0]}] for q in chunk]
             first = [c[0].text.strip() for c in gen.generate(convs, params)]
             turns = [[a] for a in first]
-            if any(len(q["turns"]) > 1 for q in chunk):
-                second_convs = [conv + [{"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
-                                for q, conv, a in zip(chunk, convs, first) if len(q["turns"]) > 1]
-                second = iter(c[0].text.strip() for c in gen.generate(second_convs, params))
+            follow = []
+            for q, conv, a in zip(chunk, convs, first):
+                if len(q["turns"]) < 2:
+                    continue
+                second_conv = conv + [{"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
+                why = _fits(gen, second_conv, params)
+                if why:
+                    say(f"question {q['question_id']} turn 2 skipped: {why}; lower mtbench.max_new_tokens or use a "
+                        "model with a longer context")
+                else:
+                    follow.append((q["question_id"], second_conv))
+            if follow:
+                second = dict(zip([qid for qid, _ in follow],
+                                  (c[0].text.strip() for c in gen.generate([c for _, c in follow], params))))
                 for q, t in zip(chunk, turns):
-                    if len(q["turns"]) > 1:
-                        t.append(next(second))
+                    if q["question_id"] in second:
+                        t.append(second[q["question_id"]])
             append_jsonl(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
                                  "model_id": model_id, "choices": [{"index": 0, "turns": t}], "tstamp": time.time()}
                                 for q, t in zip(chunk, turns)])
