@@ -75,7 +75,8 @@ class ContaminationParams(Config):
 
 class EvaluateConfig(Config):
     model: str | None = Field(None, description="Model to evaluate: a stage, hf:DIR, gguf:FILE, openai:MODEL@URL.")
-    model_id: str | None = Field(None, description="Name in answer and judgment files (default: the stage name).")
+    model_id: str | None = Field(None, description="Name in answer and judgment files (default: the model's stage, "
+                                 "directory, file or Hub id).")
     tokenizer: str | None = Field(None, description="HF tokenizer for perplexity of a GGUF file.")
     mtbench: MTBenchParams | None = Field(None, description="MT-Bench settings.")
     perplexity: PerplexityParams | None = Field(None, description="Perplexity settings.")
