@@ -319,3 +319,20 @@ def test_mtbench_cli_names_the_model_shows_progress_and_skips_what_does_not_fit(
     assert "| 3 | 0 | 3 |" in r.stdout  # graded, failed, skipped in the printed results
     assert "answers" in r.stdout and "3/3" in r.stdout and "requests" in r.stdout  # both bars, with ETA
     assert "answers" not in quiet.stdout and "requests" not in quiet.stdout
+
+
+def test_mtbench_in_a_pipeline_shows_progress_and_names_the_model(tmp_path, chat_model):
+    import yaml
+    from helpers import scripted_server
+
+    with scripted_server(lambda m: "Rating: [[5]]") as judge:
+        spec = {"name": "p", "run_dir": str(tmp_path / "runs" / "p"),
+                "stages": {"evaluate": {"model": f"hf:{chat_model}",
+                                        "mtbench": {"bench": "mt_bench", "judge": f"openai:j@{judge}",
+                                                    "questions": 2, "max_new_tokens": 8}}}}
+        (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(spec))
+        r = run_fabrika("run", str(tmp_path / "pipe.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mt_bench: answers" in r.stdout and "2/2" in r.stdout and "requests" in r.stdout
+    answers = tmp_path / "runs" / "p" / "evaluate" / "mt_bench" / "model_answer"
+    assert [p.name for p in answers.iterdir()] == [f"{chat_model.name}.jsonl"]
