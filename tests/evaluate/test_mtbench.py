@@ -336,3 +336,24 @@ def test_mtbench_in_a_pipeline_shows_progress_and_names_the_model(tmp_path, chat
     assert "mt_bench: answers" in r.stdout and "2/2" in r.stdout and "requests" in r.stdout
     answers = tmp_path / "runs" / "p" / "evaluate" / "mt_bench" / "model_answer"
     assert [p.name for p in answers.iterdir()] == [f"{chat_model.name}.jsonl"]
+
+
+def test_an_endpoint_refusing_a_long_prompt_skips_that_question_only(tmp_path, server):
+    """The model behind an OpenAI-compatible endpoint (here `fabrika serve`): its context error for one
+    prompt skips that question; the others are answered, none twice."""
+    from helpers import scripted_server
+
+    first, second = M.load_questions("mt_bench")[0][:2]
+    write_jsonl(tmp_path / "api_bench.jsonl", [first, {**second, "turns": ["word " * 3000, "and then?"]}])
+    from fabrika.infer.proxy import FaultProxy
+
+    with scripted_server(lambda m: "Rating: [[8]]") as judge, FaultProxy(server.url.removesuffix("/v1")) as counted:
+        r = run_fabrika("eval", "mtbench", "--model", f"openai:tiny@{counted.url}", "--bench",
+                        str(tmp_path / "api_bench.jsonl"), "--judge", f"openai:j@{judge}", "--set",
+                        "mtbench.max_new_tokens=8", "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "question 82 skipped" in r.stdout + r.stderr and "context" in r.stdout + r.stderr
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())["mtbench"]["api_bench"]
+    assert res["n"] == 2 and res["skipped"] == [{"question_id": 82, "turn": 1}, {"question_id": 82, "turn": 2}]
+    assert (tmp_path / "ev" / "api_bench" / "model_answer" / "tiny.jsonl").exists()
+    assert counted.received == 3  # both first turns (one refused), question 81's second: none asked twice
