@@ -30,6 +30,40 @@ OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (r
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        print(f"fabrika {version('fabrika')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                    help="Print the installed version and exit.")) -> None:
+    pass
+
+
+def _flags_without_type() -> None:
+    """typer 0.29 prints a type after every option, flags too (`--quiet <bool>`), which reads as if a
+    flag took a value; a flag's help shows its name alone, as click's plain help does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics ({"languages": {"ru": 10}}) as one row each: languages.ru."""
+    rows: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            rows.update(_flat(v, f"{prefix}{k}."))
+        else:
+            rows[f"{prefix}{k}"] = v
+    return rows
+
+
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
@@ -54,7 +88,7 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
         table = Table(title=f"{kind}: {artifact.path}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in artifact.metrics.items():
+        for k, v in _flat(artifact.metrics).items():
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(table)
     return artifact
@@ -216,7 +250,8 @@ def eval_mtbench(
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge: openai:gpt-4o, openai:M@URL, hf:DIR."),
     answers: Optional[str] = typer.Option(None, "--answers", help="Judge this answer file instead of generating."),
     questions: Optional[int] = typer.Option(None, "--questions", help="Only the first N questions."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files "
+                                           "(default: the model's directory, file or Hub id)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model or answer file "
                                            "(pairwise; implies --mode pairwise unless --mode both)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise or both."),
@@ -228,7 +263,7 @@ def eval_mtbench(
     mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers, "questions": questions,
                             "baseline": baseline, "mode": mode}.items() if v is not None}
     art = run_stage_command("evaluate", config, {"model": model, "model_id": model_id, "mtbench": mt or None},
-                            set_, out, quiet=True)
+                            set_, out, quiet)
     console.print(Path(art.dir / "results.md").read_text(encoding="utf-8"))
 
 
@@ -239,8 +274,8 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
     """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
     from rich.table import Table
 
-    from fabrika.evaluate.scores import (fmt, pair_win_rate, read_judgments, read_pair_judgments, summarise,
-                                         summarise_pairs)
+    from fabrika.evaluate.scores import (fmt, pair_win_rate, question_categories, read_judgments,
+                                         read_pair_judgments, summarise, summarise_pairs)
 
     if pairwise:
         table = Table(title="MT-Bench (pairwise; disagreement between the two orders = tie)")
@@ -253,13 +288,24 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
         console.print(table)
         return
     rows = read_judgments(files)
-    summary = summarise(rows, languages={str(f): f.parent.parent.name for f in files})
+    categories = {}
+    for f in files:
+        categories.update(question_categories(f))
+    summary = summarise(rows, categories, languages={str(f): f.parent.parent.name for f in files})
     table = Table(title="MT-Bench (single-answer grading)")
     for col in ("model", "turn 1", "turn 2", "overall", "graded", "failed"):
         table.add_column(col, justify="right")
-    for model, s in sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0)):
+    ranked = sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0))
+    for model, s in ranked:
         table.add_row(model, fmt(s["turn1"]), fmt(s["turn2"]), fmt(s["overall"]), str(s["n"]), str(s["failed"]))
     console.print(table)
+    by_cat = Table(title="by category")
+    by_cat.add_column("category")
+    for model, _ in ranked:
+        by_cat.add_column(model, justify="right")
+    for cat in sorted({c for _, s in ranked for c in s["by_category"]}):
+        by_cat.add_row(cat, *(fmt(s["by_category"].get(cat)) for _, s in ranked))
+    console.print(by_cat)
     for model, s in summary.items():
         if len(s["by_language"]) > 1:
             console.print(f"{model} by language: " + ", ".join(f"{k} {fmt(v)}" for k, v in s["by_language"].items()))
@@ -294,11 +340,13 @@ def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folder
 
 @app.command()
 def plan(
-    arch: str = typer.Option("llama", help="Architecture preset."),
-    size: str = typer.Option("8b", help="Size preset."),
-    model: Optional[str] = typer.Option(None, help="A HF config dir or Hub id instead of arch/size."),
+    arch: str = typer.Option("llama", help="Architecture: llama, mistral, mixtral, qwen2 or gpt2."),
+    size: str = typer.Option("8b", help="Size preset, e.g. 8b, 70b, 8x7b; `--size list` shows them all."),
+    model: Optional[str] = typer.Option(None, help="A HF model dir, its config.json, or a Hub id instead of "
+                                        "arch/size."),
     tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. 20e9."),
     data_gb: Optional[float] = typer.Option(None, help="Or: GB of raw text (converted at --bytes-per-token)."),
+    bytes_per_token: float = typer.Option(4.0, help="Bytes of raw text per token, for --data-gb."),
     gpu: str = typer.Option("h100", help="GPU type."),
     gpus: int = typer.Option(1, help="Number of GPUs."),
     mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed."),
@@ -311,7 +359,8 @@ def plan(
     from fabrika.models.plan import plan_command
 
     plan_command(arch=arch, size=size, model=model, tokens=tokens, data_gb=data_gb, gpu=gpu, gpus=gpus, mfu=mfu,
-                 price=price, seq_len=seq_len, micro_batch=micro_batch, json_out=json_out)
+                 price=price, seq_len=seq_len, micro_batch=micro_batch, json_out=json_out,
+                 bytes_per_token=bytes_per_token)
 
 
 @app.command("accelerate-config")
@@ -345,6 +394,7 @@ def _disk_full(e: BaseException | None) -> bool:
 
 def main() -> None:
     _register_phase_commands()
+    _flags_without_type()
 
     try:
         app()

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli, write_jsonl
+from helpers import REPO, run_cli, run_fabrika, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.errors import FabrikaError
@@ -146,8 +146,15 @@ def test_show_reads_fastchat_files_and_rejects_others(tmp_path):
          "score": 9, "turn": 1, "tstamp": 1.0},
         {"question_id": 81, "model": "vicuna", "judge": ["gpt-4", "single-v1-multi-turn"], "user_prompt": "...",
          "judgment": "[[5]]", "score": 5, "turn": 2, "tstamp": 1.0}])
-    r = run_cli("eval", "show", str(fastchat))
+    fastchat_2 = write_jsonl(tmp_path / "other_single.jsonl", [
+        {"question_id": 111, "model": "alpaca", "judge": ["gpt-4", "single-v1"], "user_prompt": "...",
+         "judgment": "[[4]]", "score": 4, "turn": 1, "tstamp": 1.0}])
+    r = run_fabrika("eval", "show", str(fastchat), str(fastchat_2))
     assert r.returncode == 0 and "9.00" in r.stdout and "5.00" in r.stdout and "7.00" in r.stdout
+    by_category = r.stdout[r.stdout.index("by category"):]  # the table the command's help promises
+    writing = next(line for line in by_category.splitlines() if "writing" in line)
+    math = next(line for line in by_category.splitlines() if "math" in line)  # question 111 is math
+    assert "7.00" in writing and "—" in writing and "4.00" in math
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1}])
     r = run_cli("eval", "show", str(bad))
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr
@@ -281,3 +288,73 @@ def test_failed_pairwise_requests_are_judged_again(tmp_path, chat_model):
         assert not list(read_jsonl(pair_file))  # no comparison recorded from a failed request
         res = json.loads(stage.run(cfg, ctx).path.read_text())["mtbench"]["mt_bench"]["pairwise"]
         assert res["losses"] == 2 and res["errors"] == 0
+
+
+def test_mtbench_cli_names_the_model_shows_progress_and_skips_what_does_not_fit(tmp_path, chat_model):
+    """As a new user runs it: no --model-id, a question too long for the model's context, a terminal
+    that wants to see progress (and a -q run that does not)."""
+    from helpers import scripted_server
+
+    long = "word " * 3000  # more tokens than the tiny model's 2048 positions
+    first, second = M.load_questions("mt_bench")[0][:2]
+    write_jsonl(tmp_path / "my_bench.jsonl", [
+        first, {**second, "turns": [long, "and then?"]},
+        {"question_id": 999, "category": "writing", "turns": ["Say hi.", long]}])
+    with scripted_server(lambda m: "Fine. Rating: [[6]]") as judge:
+        args = ["eval", "mtbench", "--model", f"hf:{chat_model}", "--bench", str(tmp_path / "my_bench.jsonl"),
+                "--judge", f"openai:j@{judge}", "--set", "mtbench.max_new_tokens=8"]
+        r = run_fabrika(*args, "--out", str(tmp_path / "ev"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        quiet = run_fabrika(*args, "--out", str(tmp_path / "ev-quiet"), "-q")
+        assert quiet.returncode == 0, quiet.stderr[-3000:]
+    bench = tmp_path / "ev" / "my_bench"
+    assert [p.name for p in (bench / "model_answer").iterdir()] == [f"{chat_model.name}.jsonl"]
+    assert {j["model"] for j in read_jsonl(bench / "model_judgment" / "j_single.jsonl")} == {chat_model.name}
+    out = r.stdout + r.stderr
+    assert "question 82 skipped" in out and "question 999 turn 2 skipped" in out
+    assert "2048" in out and "mtbench.max_new_tokens" in out  # the limit, and the setting to change
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())["mtbench"]["my_bench"]
+    assert res["skipped"] == [{"question_id": 82, "turn": 1}, {"question_id": 82, "turn": 2},
+                              {"question_id": 999, "turn": 2}]
+    assert res["n"] == 3 and res["overall"] == 6
+    assert "| 3 | 0 | 3 |" in r.stdout  # graded, failed, skipped in the printed results
+    assert "answers" in r.stdout and "3/3" in r.stdout and "requests" in r.stdout  # both bars, with ETA
+    assert "answers" not in quiet.stdout and "requests" not in quiet.stdout
+
+
+def test_mtbench_in_a_pipeline_shows_progress_and_names_the_model(tmp_path, chat_model):
+    import yaml
+    from helpers import scripted_server
+
+    with scripted_server(lambda m: "Rating: [[5]]") as judge:
+        spec = {"name": "p", "run_dir": str(tmp_path / "runs" / "p"),
+                "stages": {"evaluate": {"model": f"hf:{chat_model}",
+                                        "mtbench": {"bench": "mt_bench", "judge": f"openai:j@{judge}",
+                                                    "questions": 2, "max_new_tokens": 8}}}}
+        (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(spec))
+        r = run_fabrika("run", str(tmp_path / "pipe.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mt_bench: answers" in r.stdout and "2/2" in r.stdout and "requests" in r.stdout
+    answers = tmp_path / "runs" / "p" / "evaluate" / "mt_bench" / "model_answer"
+    assert [p.name for p in answers.iterdir()] == [f"{chat_model.name}.jsonl"]
+
+
+def test_an_endpoint_refusing_a_long_prompt_skips_that_question_only(tmp_path, server):
+    """The model behind an OpenAI-compatible endpoint (here `fabrika serve`): its context error for one
+    prompt skips that question; the others are answered, none twice."""
+    from helpers import scripted_server
+
+    first, second = M.load_questions("mt_bench")[0][:2]
+    write_jsonl(tmp_path / "api_bench.jsonl", [first, {**second, "turns": ["word " * 3000, "and then?"]}])
+    from fabrika.infer.proxy import FaultProxy
+
+    with scripted_server(lambda m: "Rating: [[8]]") as judge, FaultProxy(server.url.removesuffix("/v1")) as counted:
+        r = run_fabrika("eval", "mtbench", "--model", f"openai:tiny@{counted.url}", "--bench",
+                        str(tmp_path / "api_bench.jsonl"), "--judge", f"openai:j@{judge}", "--set",
+                        "mtbench.max_new_tokens=8", "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "question 82 skipped" in r.stdout + r.stderr and "context" in r.stdout + r.stderr
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())["mtbench"]["api_bench"]
+    assert res["n"] == 2 and res["skipped"] == [{"question_id": 82, "turn": 1}, {"question_id": 82, "turn": 2}]
+    assert (tmp_path / "ev" / "api_bench" / "model_answer" / "tiny.jsonl").exists()
+    assert counted.received == 3  # both first turns (one refused), question 81's second: none asked twice

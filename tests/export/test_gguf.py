@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CORPUS, run_cli
+from helpers import CORPUS, run_cli, run_fabrika
 
-from fabrika.artifacts import RunContext
+from fabrika.artifacts import Artifact, RunContext
 from fabrika.errors import FabrikaError
 from fabrika.export import gguf as writer
 from fabrika.export import stage, verify
@@ -104,15 +104,26 @@ def test_sentencepiece_tokenizer(tmp_path):
 def test_export_stage_quantizes_and_verifies(tmp_path, bpe_tok):
     # hidden 256 so that K-quants apply to the attention weights; the FFN (512) too
     model_dir = build("llama", bpe_tok, tmp_path / "llama", hidden_size=256, intermediate_size=512)
-    cfg = stage.CONFIG(model=str(model_dir), quant="f16,q8_0,q4_k_m,q6_k", base_type="f32")
-    art = stage.run(cfg, RunContext(stage="export", kind="export", stage_dir=tmp_path / "out", quiet=True))
     out = tmp_path / "out"
+    r = run_fabrika("export", str(model_dir), "--quant", "f16,q8_0,q4_k_m,q6_k", "--set", "base_type=f32",
+                    "--out", str(out), env={"COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "verification.json").read_text())
     files = rep["verification"]["files"]
-    assert set(files) == {"f32", "f16", "q8_0", "q4_k_m", "q6_k"}
+    assert set(files) == {"f16", "q8_0", "q4_k_m", "q6_k"}
+    assert sorted(p.name for p in out.glob("*.gguf")) == [f"model-{q}.gguf" for q in ("f16", "q4_k_m", "q6_k", "q8_0")]
     assert files["f16"]["kl"] < files["q8_0"]["kl"] + 1e-6 < files["q4_k_m"]["kl"] + 2e-6
     assert files["q4_k_m"]["bytes"] < files["q8_0"]["bytes"] < files["f16"]["bytes"]
     assert "Q4_K" in rep["tensor_types"]["q4_k_m"] and "Q6_K" in rep["tensor_types"]["q6_k"]
+    assert files["q4_k_m"]["llama_cpp_range"] == "KL 0.0127–0.0313, top-1 0.919–0.947, PPL ×1.014–1.028"
+    assert files["f16"]["verdict"].startswith("lossless")
+    # what the user reads: every file with its numbers, the range llama.cpp reports, and what they mean
+    lines = {q: next(line for line in r.stdout.splitlines() if f"model-{q}.gguf" in line) for q in files}
+    assert "KL 0.0127–0.0313" in lines["q4_k_m"] and files["q4_k_m"]["verdict"][:30] in lines["q4_k_m"]
+    assert "KL 0.0004–0.0014" in lines["q8_0"] and "lossless" in lines["f16"]
+    for name in verify.MEANING:
+        assert f"{name}: " in r.stdout
+    art = Artifact.load(out)
     assert art.path == out / "model-f16.gguf" and "q4_k_m_kl" in art.metrics
     mf = (out / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in mf and 'PARAMETER stop "<|im_end|>"' in mf

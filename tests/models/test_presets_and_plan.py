@@ -88,3 +88,47 @@ def test_plan_cli_one_screen_and_json():
     assert json.loads(r.stdout)["gpus"] == 2
     r = run_cli("plan", "--gpu", "tpu", "--tokens", "1e9")
     assert r.returncode == 2 and "known: h100" in r.stderr
+
+
+def test_published_shapes_are_presets():
+    """Parameter counts of the released models, as their model cards give them."""
+    assert count_parameters(make_config("llama", "70b"))["total"] == 70_553_706_496
+    mix = count_parameters(make_config("mixtral", "8x7b"))
+    assert mix["total"] == 46_702_792_704 and mix["active"] == 12_879_925_248
+    assert count_parameters(make_config("qwen2", "7b"))["total"] == 7_615_616_512
+    assert count_parameters(make_config("mistral", "7b"))["total"] == 7_241_732_096
+    with pytest.raises(FabrikaError, match="70b"):
+        make_config("mistral", "70b")
+    with pytest.raises(ValueError, match="choose from"):
+        ModelSpec(arch="gpt2", size="8x7b")
+
+
+def test_plan_cli_units_sizes_and_local_configs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fabrika = str(Path(sys.executable).parent / "fabrika")
+
+    def plan(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([fabrika, "plan", *args], capture_output=True, text=True, timeout=300)
+
+    r = plan("--arch", "llama", "--size", "8b", "--tokens", "20e9", "--gpus", "8")
+    assert r.returncode == 0, r.stderr
+    assert "8.03B parameters" in r.stdout and "G parameters" not in r.stdout
+    flops = next(line for line in r.stdout.splitlines() if "total FLOPs" in line)
+    assert "e+20" in flops or "e+21" in flops
+    r = plan("--size", "list")
+    assert r.returncode == 0 and "Mixtral-8x7B-v0.1" in r.stdout and "Qwen2-72B" in r.stdout
+    r = plan("--size", "7b", "--tokens", "1e9")
+    assert r.returncode == 2 and "70b" in r.stderr and "8b" in r.stderr and "Traceback" not in r.stderr
+    make_config("qwen2", "350m").save_pretrained(tmp_path / "qwen")
+    by_dir = plan("--model", str(tmp_path / "qwen"), "--data-gb", "1", "--bytes-per-token", "2", "--json")
+    by_file = plan("--model", str(tmp_path / "qwen" / "config.json"), "--data-gb", "1", "--bytes-per-token", "2",
+                   "--json")
+    assert by_dir.returncode == 0 and by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_dir.stdout)["params"] == json.loads(by_file.stdout)["params"]
+    assert json.loads(by_file.stdout)["tokens"] == 0.5e9
+    (tmp_path / "empty").mkdir()
+    r = plan("--model", str(tmp_path / "empty"), "--tokens", "1e9")
+    assert r.returncode == 2 and "config.json" in r.stderr

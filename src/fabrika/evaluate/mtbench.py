@@ -11,6 +11,7 @@ cached and retried, and a killed run picks up what is missing.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from importlib import resources
@@ -20,7 +21,8 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
-from fabrika.infer.backends import GenerationParams, Generator
+from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, OpenAIGenerator
+from fabrika.infer.client import RequestFailed
 from fabrika.infer.serve import ask_model
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
@@ -57,11 +59,64 @@ def load_questions(bench: str) -> tuple[list[dict], dict[int, dict], str]:
     return questions, refs, lang
 
 
+CONTEXT_ERROR = re.compile(r"context", re.I)  # how OpenAI, vLLM, llama.cpp and fabrika serve word it
+
+
+def _fits(gen: Generator, conv: list[dict], params: GenerationParams) -> str | None:
+    """None, or why this prompt plus the answer length cannot fit the model's context, as the local
+    backends (hf:, gguf:) measure it before generating."""
+    check = getattr(gen, "check_length", None)
+    try:
+        if check is not None:
+            check(conv, params)
+    except ContextTooLong as e:
+        return str(e)
+    return None
+
+
+def _answers(gen: Generator, convs: list[list[dict]], params: GenerationParams) -> list[str | RequestFailed]:
+    """One answer per conversation. An endpoint (openai:) refusing a prompt as too long for its context
+    gives that refusal in its place, and every other conversation its answer, each asked once; any
+    other failure stops the bench as before."""
+    if not isinstance(gen, OpenAIGenerator):
+        return [c[0].text.strip() for c in gen.generate(convs, params)]
+    from fabrika.infer.client import run_requests
+
+    out: list[str | RequestFailed] = []
+    for r in run_requests(gen.config, gen.model, convs, params, quiet=True, on_result=lambda i, r: None):
+        if isinstance(r, Exception):
+            if not (isinstance(r, RequestFailed) and CONTEXT_ERROR.search(str(r))):
+                raise r
+            out.append(r)
+        else:
+            out.append(r[0].text.strip())
+    return out
+
+
 def generate_answers(gen: Generator, questions: list[dict], path: Path, model_id: str, max_new_tokens: int = 1024,
-                     batch: int = 16, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Answer every question not yet in `path` (FastChat's model_answer format), appending per batch."""
+                     batch: int = 16, progress: Callable[[int], None] | None = None,
+                     say: Callable[[str], None] = print) -> list[dict]:
+    """Answer every question not yet in `path` (FastChat's model_answer format), appending per batch.
+    A turn whose prompt does not fit the model's context is named through `say` and left unanswered
+    (a first turn: the whole question; a second turn: the answer keeps turn 1), never the whole bench."""
     done = {a["question_id"] for a in read_jsonl(path)}
-    todo = [q for q in questions if q["question_id"] not in done]
+
+    def skip(q: dict, turn: int, why: object) -> None:
+        say(f"question {q['question_id']}{' turn 2' if turn == 2 else ''} skipped: {why}; lower "
+            "mtbench.max_new_tokens or use a model with a longer context")
+
+    longest = GenerationParams(max_new_tokens=max_new_tokens)
+    todo = []
+    for q in questions:
+        if q["question_id"] in done:
+            continue
+        why = _fits(gen, [{"role": "user", "content": q["turns"][0]}], longest)
+        if why:
+            skip(q, 1, why)
+            if progress:
+                progress(1)
+            continue
+        todo.append(q)
     path.parent.mkdir(parents=True, exist_ok=True)
     by_temp: dict[float, list[dict]] = {}
     for q in todo:
@@ -69,20 +124,34 @@ def generate_answers(gen: Generator, questions: list[dict], path: Path, model_id
     for temp, group in by_temp.items():
         params = GenerationParams(temperature=temp, max_new_tokens=max_new_tokens, seed=0)
         for start in range(0, len(group), batch):
-            chunk = group[start:start + batch]
-            convs = [[{"role": "user", "content": q["turns"][0]}] for q in chunk]
-            first = [c[0].text.strip() for c in gen.generate(convs, params)]
-            turns = [[a] for a in first]
-            if any(len(q["turns"]) > 1 for q in chunk):
-                second_convs = [conv + [{"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
-                                for q, conv, a in zip(chunk, convs, first) if len(q["turns"]) > 1]
-                second = iter(c[0].text.strip() for c in gen.generate(second_convs, params))
-                for q, t in zip(chunk, turns):
-                    if len(q["turns"]) > 1:
-                        t.append(next(second))
-            append_jsonl(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
-                                 "model_id": model_id, "choices": [{"index": 0, "turns": t}], "tstamp": time.time()}
-                                for q, t in zip(chunk, turns)])
+            chunk, answered = group[start:start + batch], []
+            firsts = _answers(gen, [[{"role": "user", "content": q["turns"][0]}] for q in chunk], params)
+            for q, a in zip(chunk, firsts):
+                if isinstance(a, RequestFailed):
+                    skip(q, 1, a)
+                else:
+                    answered.append((q, [a]))
+            follow = []
+            for q, turns in answered:
+                if len(q["turns"]) < 2:
+                    continue
+                conv = [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": turns[0]},
+                        {"role": "user", "content": q["turns"][1]}]
+                why = _fits(gen, conv, params)
+                if why:
+                    skip(q, 2, why)
+                else:
+                    follow.append((turns, q, conv))
+            seconds = _answers(gen, [conv for _, _, conv in follow], params) if follow else []
+            for (turns, q, _), a in zip(follow, seconds):
+                if isinstance(a, RequestFailed):
+                    skip(q, 2, a)
+                else:
+                    turns.append(a)
+            if answered:
+                append_jsonl(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
+                                     "model_id": model_id, "choices": [{"index": 0, "turns": t}],
+                                     "tstamp": time.time()} for q, t in answered])
             if progress:
                 progress(len(chunk))
     return load_answers(path)

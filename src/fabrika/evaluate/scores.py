@@ -54,6 +54,23 @@ def read_pair_judgments(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                  "single-answer files are summarised without --pairwise")
 
 
+def question_categories(judgment_file: str | Path) -> dict[int, str]:
+    """Category of each question id for a judgment file: from the question file of the bench its
+    folder names (`<bench>/model_judgment/`: a packaged bench, or a FastChat `question.jsonl` beside
+    `model_judgment/`), else MT-Bench's own; its ids 81-160 keep their categories in every packaged
+    translation."""
+    from importlib import resources
+
+    bench_dir = Path(judgment_file).resolve().parent.parent
+    packaged = resources.files("fabrika.evaluate").joinpath("data")
+    for candidate in (bench_dir / "question.jsonl", packaged.joinpath(bench_dir.name, "question.jsonl"),
+                      packaged.joinpath("mt_bench", "question.jsonl")):
+        if candidate.is_file():
+            rows = [json.loads(line) for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return {q["question_id"]: q.get("category", "?") for q in rows if "question_id" in q}
+    return {}
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 

@@ -75,7 +75,8 @@ class ContaminationParams(Config):
 
 class EvaluateConfig(Config):
     model: str | None = Field(None, description="Model to evaluate: a stage, hf:DIR, gguf:FILE, openai:MODEL@URL.")
-    model_id: str | None = Field(None, description="Name in answer and judgment files (default: the stage name).")
+    model_id: str | None = Field(None, description="Name in answer and judgment files (default: the model's stage, "
+                                 "directory, file or Hub id).")
     tokenizer: str | None = Field(None, description="HF tokenizer for perplexity of a GGUF file.")
     mtbench: MTBenchParams | None = Field(None, description="MT-Bench settings.")
     perplexity: PerplexityParams | None = Field(None, description="Perplexity settings.")
@@ -103,6 +104,63 @@ def model_ref(cfg: EvaluateConfig, ctx: RunContext) -> str:
     return ctx.generator_ref(cfg.model)
 
 
+GENERIC_DIRS = ("model", "adapter", "merged")  # what stages call their output: the stage's name says more
+
+
+def default_model_id(cfg: EvaluateConfig, ctx: RunContext) -> str:
+    """The name in answer and judgment files when `model_id` is not set: the pipeline stage, else the
+    model itself (its directory, GGUF file or Hub/API model name, as FastChat names answer files), else
+    the `model_id` inside the answer file being judged."""
+    if cfg.model_id:
+        return cfg.model_id
+    if cfg.model and cfg.model in ctx.inputs:
+        return cfg.model
+    if cfg.mtbench and cfg.mtbench.answers and not cfg.model:
+        answers = M.load_answers(Path(cfg.mtbench.answers))
+        return answers[0]["model_id"] if answers else Path(cfg.mtbench.answers).stem
+    if not cfg.model:
+        return "model"
+    from fabrika.infer.backends import parse_ref
+
+    kind, target = parse_ref(ctx.generator_ref(cfg.model))
+    if kind == "openai":
+        return Path(target.partition("@")[0]).name
+    path = Path(target).resolve() if Path(target).exists() else Path(target)
+    if kind == "gguf":
+        return path.stem
+    return path.parent.name if path.name in GENERIC_DIRS and path.parent.name else path.name
+
+
+def _progress(what: str, quiet: bool):
+    """Done / total and the time left, as the judge client shows for its requests."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("left"), TimeRemainingColumn(),
+                    disable=quiet)
+
+
+def _quiet_libraries() -> None:
+    """`--quiet` also means no bars from the libraries underneath (Hub downloads, checkpoint loading)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def bench_name(question_file: Path) -> str:
+    """FastChat keeps a bench as `<bench>/question.jsonl`; any other question file names the bench itself."""
+    return question_file.parent.name if question_file.stem == "question" else question_file.stem
+
+
+def skipped_turns(questions: list[dict], answers: list[dict]) -> list[dict[str, int]]:
+    """Turns without an answer because the prompt did not fit the model's context: a question never
+    answered (turn 1 and what follows), or answered on turn 1 only."""
+    by_q = {a["question_id"]: len(a["choices"][0]["turns"]) for a in answers}
+    return [{"question_id": q["question_id"], "turn": t} for q in questions
+            for t in range(by_q.get(q["question_id"], 0) + 1, len(q["turns"]) + 1)]
+
+
 def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if cfg.mtbench:
@@ -128,18 +186,20 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
     for bench in p.bench:
         questions, refs, lang = M.load_questions(bench)
         questions = questions[: p.questions] if p.questions else questions
-        name = Path(bench).parent.name if bench not in M.BENCHES else bench
+        name = bench if bench in M.BENCHES else bench_name(Path(bench))
         bench_dir = ctx.stage_dir / name
         if p.answers:
             answers = M.load_answers(Path(p.answers))
-            model_id = answers[0]["model_id"] if answers else model_id
         else:
             if gen is None:
                 from fabrika.infer.backends import load_generator
 
                 gen = load_generator(model_ref(cfg, ctx))
-            answers = M.generate_answers(gen, questions, bench_dir / "model_answer" / f"{model_id}.jsonl", model_id,
-                                         p.max_new_tokens)
+            with _progress(f"{name}: answers", ctx.quiet) as bar:
+                task = bar.add_task("answers", total=len(questions))
+                answers = M.generate_answers(gen, questions, bench_dir / "model_answer" / f"{model_id}.jsonl",
+                                             model_id, p.max_new_tokens,
+                                             progress=lambda n: bar.advance(task, n), say=bar.console.print)
         kind = p.prompts if p.prompts != "auto" else ("fastchat" if lang == "en" else "multilingual")
         options = {"cache_dir": str(default_cache_dir()), **p.client.model_dump(exclude_unset=True)}
         summary: dict[str, Any] = {}
@@ -156,7 +216,8 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
         if p.mode in ("pairwise", "both"):
             summary["pairwise"] = _pairwise(p, ctx, questions, refs, answers, model_id, bench_dir, kind, judge_name,
                                             jref, options)
-        summary.update(language=lang, judge=judge_name, prompts=kind)
+        summary.update(language=lang, judge=judge_name, prompts=kind,
+                       skipped=[] if p.answers else skipped_turns(questions, answers))
         results[name] = summary
     return results
 
@@ -234,13 +295,19 @@ def win_rate(pairwise: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any], model_id: str) -> str:
     lines = [f"# Evaluation of {model_id}", ""]
     if results.get("mtbench"):
-        lines += ["## MT-Bench", "", "| bench | turn 1 | turn 2 | overall | graded | failed | judge |", "|---|---|---|---|---|---|---|"]
+        lines += ["## MT-Bench", "", "| bench | turn 1 | turn 2 | overall | graded | failed | skipped | judge |",
+                  "|---|---|---|---|---|---|---|---|"]
         for bench, r in results["mtbench"].items():
             lines.append(f"| {bench} | {fmt(r.get('turn1'))} | {fmt(r.get('turn2'))} | {fmt(r.get('overall'))} | "
-                         f"{r.get('n', 0)} | {r.get('failed', 0)} | {r.get('judge')} |")
+                         f"{r.get('n', 0)} | {r.get('failed', 0)} | {len(r.get('skipped', []))} | {r.get('judge')} |")
             for ref_model, score in REFERENCE_SCORES.get(bench, {}).items():
-                lines.append(f"| ↳ published: {ref_model} | | | {score:.2f} | | | gpt-4-turbo |")
+                lines.append(f"| ↳ published: {ref_model} | | | {score:.2f} | | | | gpt-4-turbo |")
         lines.append("")
+        for bench, r in results["mtbench"].items():
+            if r.get("skipped"):
+                turns = ", ".join(f"question {s['question_id']} turn {s['turn']}" for s in r["skipped"])
+                lines += [f"{bench}: not answered, the prompt did not fit the model's context: {turns}. "
+                          "Lower `mtbench.max_new_tokens` or evaluate a model with a longer context.", ""]
         pairs = {b: r["pairwise"] for b, r in results["mtbench"].items() if r.get("pairwise")}
         if pairs:
             lines += ["### Pairwise (pair-v2, both orders; disagreement = tie)", "",
@@ -266,7 +333,9 @@ def markdown(results: dict[str, Any], model_id: str) -> str:
 def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:
     if not any((cfg.mtbench, cfg.perplexity, cfg.harness, cfg.contamination)):
         raise FabrikaError("evaluate: nothing to do; set mtbench, perplexity, harness or contamination")
-    model_id = cfg.model_id or (cfg.model if cfg.model and ctx.input_artifact(cfg.model) else ctx.stage) or "model"
+    if ctx.quiet:
+        _quiet_libraries()
+    model_id = default_model_id(cfg, ctx)
     results: dict[str, Any] = {"model": model_id}
     if cfg.mtbench:
         results["mtbench"] = _run_mtbench(cfg, ctx, model_id)
@@ -293,6 +362,8 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:
     metrics: dict[str, Any] = {}
     for bench, r in results.get("mtbench", {}).items():
         metrics[bench] = r.get("overall")
+        if r.get("skipped"):
+            metrics[f"{bench}_skipped_turns"] = len(r["skipped"])
     if "perplexity" in results:
         metrics["ppl"] = results["perplexity"]["ppl"]
     if "contamination" in results:

@@ -5,10 +5,11 @@ files for llama.cpp, quantized by llama.cpp itself and verified against the orig
     fabrika chat gguf:runs/x/export/model-q4_k_m.gguf
 
 F32/F16/BF16/Q8_0 are written directly; every other type (Q4_0, Q4_K_M, Q5_K_M, Q6_K, ...) is made by
-`llama_model_quantize` from the F16 (or F32) file, optionally with an importance matrix computed on
-calibration text (`imatrix: builtin` or a file; see fabrika.export.imatrix). Every file is loaded back with llama.cpp and
-compared with the HF model; an unquantized file that disagrees fails the stage. An Ollama Modelfile
-is written beside the files.
+`llama_model_quantize` from an F16 (or `base_type`) file, removed afterwards unless `quant` lists it
+too, optionally with an importance matrix computed on calibration text (`imatrix: builtin` or a file;
+see fabrika.export.imatrix). Every file is loaded back with llama.cpp and compared with the HF model;
+an unquantized file that disagrees fails the stage, and each quantized file is set beside the range
+llama.cpp reports for its type. An Ollama Modelfile is written beside the files.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class VerifyParams(Config):
 class ExportConfig(Config):
     model: str = Field(description="A stage name, model or adapter directory, hf:ID or Hub id.")
     quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce.")
-    base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32.")
+    base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32 (kept only if "
+                           "quant lists it).")
     imatrix: str | None = Field(None, description="Calibration text for an importance matrix, or builtin.")
     name: str = Field("model", description="File name stem: <name>-<type>.gguf.")
     verify: VerifyParams = Field(default_factory=VerifyParams, description="Verification settings.")
@@ -162,6 +164,32 @@ def modelfile(gguf_name: str, chat_template: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def show_files(files: dict[str, Path], verification: dict[str, Any] | None) -> None:
+    """The files written and, per file, what llama.cpp's comparison with the original model says,
+    with what each number means and the range llama.cpp itself reports for the type."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    rows = (verification or {}).get("files", {})
+    table = Table(title="GGUF files" + (f" (checked on {verification['tokens']} calibration tokens)"
+                                        if verification else ""))
+    for col in ("file", "MB", "top-1", "KL", "PPL (original)", "llama.cpp range", "verdict"):
+        table.add_column(col, justify="left" if col in ("file", "llama.cpp range", "verdict") else "right")
+    for qtype, path in files.items():
+        r = rows.get(qtype)
+        if r is None:
+            table.add_row(path.name, f"{path.stat().st_size / 2**20:.1f}", "", "", "", "", "not verified")
+            continue
+        table.add_row(path.name, f"{r['bytes'] / 2**20:.1f}", f"{r['top1']:.3f}", f"{r['kl']:.4f}",
+                      f"{r['ppl']:.2f} ({r['hf_ppl']:.2f}, ×{r['ppl'] / r['hf_ppl']:.3f})", r["llama_cpp_range"],
+                      r["verdict"])
+    console.print(table)
+    if rows:
+        for name, meaning in verifier.MEANING.items():
+            console.print(f"  {name}: {meaning}", highlight=False)
+
+
 def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
     return {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
 
@@ -181,22 +209,26 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     out = ctx.stage_dir
     files: dict[str, Path] = {}
     conversions: dict[str, Any] = {}
-    needs_base = any(q not in writer.DIRECT_TYPES for q in cfg.quant)
-    for qtype in dict.fromkeys([q for q in cfg.quant if q in writer.DIRECT_TYPES] + ([cfg.base_type] if needs_base else [])):
+    for qtype in dict.fromkeys(q for q in cfg.quant if q in writer.DIRECT_TYPES):
         path = out / f"{cfg.name}-{qtype}.gguf"
         if not path.exists():  # a rerun after a kill keeps finished files (each written atomically)
             conversions[qtype] = writer.convert(model_dir, path, qtype, lineage=lineage)
         files[qtype] = path
+    base = out / f"{cfg.name}-{cfg.base_type}.gguf"
     imatrix = None
     for qtype in cfg.quant:
         if qtype in files:
             continue
         path = out / f"{cfg.name}-{qtype}.gguf"
         if not path.exists():
+            if not base.exists():
+                conversions[cfg.base_type] = writer.convert(model_dir, base, cfg.base_type, lineage=lineage)
             if cfg.imatrix and imatrix is None:
                 imatrix = _importance(cfg, model_dir)
-            quantize(files[cfg.base_type], path, qtype, imatrix)
+            quantize(base, path, qtype, imatrix)
         files[qtype] = path
+    if cfg.base_type not in cfg.quant:  # only what was asked for stays; the intermediate goes once used
+        base.unlink(missing_ok=True)
     types = {q: tensor_types(p) for q, p in files.items()}
 
     report: dict[str, Any] = {"model": str(model_dir), "conversion": conversions, "tensor_types": types}
@@ -211,6 +243,8 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
                                + "\n  ".join(problems))
     else:
         atomic_write_json(out / "verification.json", report)
+    if not ctx.quiet:
+        show_files(files, report.get("verification"))
 
     from transformers import AutoTokenizer
 

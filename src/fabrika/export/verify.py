@@ -24,6 +24,60 @@ from fabrika.models.tokenizer import PROBE
 # f16 matmuls stay far below this on real models; a missing Q/K permutation or a wrong tensor is far above.
 LOSSLESS_KL = {"f32": 1e-4, "f16": 2e-3, "bf16": 1e-2}
 
+# What llama.cpp measured for each type against FP16 on Wikitext, without an importance matrix
+# (llama.cpp, tools/perplexity/README.md: "LLaMA 3 8b Scoreboard" and "LLaMA 2 vs. LLaMA 3
+# Quantization comparison"). Where that page gives both models, (Llama-2-7B, Llama-3-8B) bound what a
+# healthy file of the type shows: mean KL divergence, top-token agreement ("Same top p") and the
+# perplexity ratio; for the other types it gives Llama-3-8B's mean KL alone, the upper end.
+LLAMA_CPP_REFERENCE: dict[str, dict[str, tuple[float | None, float]]] = {
+    "q8_0": {"kl": (0.000369, 0.001355), "top1": (0.97674, 0.98846), "ppl_ratio": (1.000425, 1.000689)},
+    "q6_k": {"kl": (0.002098, 0.005452), "top1": (0.96031, 0.97520), "ppl_ratio": (1.002406, 1.003490)},
+    "q4_k_m": {"kl": (0.012686, 0.031273), "top1": (0.91901, 0.94665), "ppl_ratio": (1.014242, 1.028160)},
+    "q2_k": {"kl": (0.108903, 0.445132), "top1": (0.71138, 0.85584), "ppl_ratio": (1.107955, 1.564849)},
+    **{q: {"kl": (None, kl)} for q, kl in {
+        "q5_k_m": 0.010762, "q5_k_s": 0.016595, "q5_1": 0.018045, "q5_0": 0.022239, "q4_k_s": 0.043136,
+        "q4_1": 0.071683, "q4_0": 0.071940, "q3_k_l": 0.087176, "q3_k_m": 0.101913, "q3_k_s": 0.228217}.items()},
+}
+MEANING = {
+    "top-1": "share of calibration tokens where the file and the original model predict the same next token "
+             "(1.000 = always)",
+    "KL": "mean KL divergence of the file's next-token distribution from the original's, nats per token "
+          "(0 = identical)",
+    "PPL": "perplexity of the calibration text under the file, and the ratio to the original model's "
+           "(1.000 = no loss)",
+    "llama.cpp range": "what llama.cpp measured for this type on Llama-2-7B and Llama-3-8B "
+                       "(llama.cpp tools/perplexity/README.md); worse than that: small or undertrained models "
+                       "lose more to quantization, a larger type or an importance matrix (--imatrix builtin) helps",
+}
+
+
+def against_reference(qtype: str, row: dict[str, Any]) -> str:
+    """Whether a file's numbers are within what llama.cpp reports for its type, in words."""
+    if qtype in LOSSLESS_KL:
+        return f"lossless: KL within {LOSSLESS_KL[qtype]:.0e}" if row["kl"] <= LOSSLESS_KL[qtype] else "conversion error"
+    ref = LLAMA_CPP_REFERENCE.get(qtype)
+    if ref is None:
+        return "llama.cpp publishes no reference for this type"
+    measured = {"kl": row["kl"], "top1": row["top1"], "ppl_ratio": row["ppl"] / row["hf_ppl"]}
+    worse = [{"kl": "KL", "top1": "top-1", "ppl_ratio": "PPL"}[k] for k, (lo, hi) in ref.items()
+             if (measured[k] < lo if k == "top1" else measured[k] > hi)]
+    return "within llama.cpp's range" if not worse else f"{', '.join(worse)} worse than llama.cpp's range"
+
+
+def reference_text(qtype: str) -> str:
+    ref = LLAMA_CPP_REFERENCE.get(qtype)
+    if ref is None:
+        return f"KL ≤ {LOSSLESS_KL[qtype]:.0e}" if qtype in LOSSLESS_KL else "—"
+    parts = []
+    for key, (lo, hi) in ref.items():
+        if key == "top1":
+            parts.append(f"top-1 {lo:.3f}–{hi:.3f}")
+        elif key == "ppl_ratio":
+            parts.append(f"PPL ×{lo:.3f}–{hi:.3f}")
+        else:
+            parts.append(f"KL {lo:.4f}–{hi:.4f}" if lo is not None else f"KL ≤ {hi:.4f}")
+    return ", ".join(parts)
+
 
 def calibration_text(spec: str = "builtin", setting: str = "export.verify.calibration") -> str:
     if spec == "builtin":
@@ -121,6 +175,8 @@ def verify(model_dir: str | Path, files: dict[str, Path], calibration: str = "bu
         row["tokenizer_parity"] = tokenizer_parity(llm, tok, samples)
         row["end_of_turn_stops"] = eog_ok(llm, eot)
         row["bytes"] = Path(path).stat().st_size
+        row["llama_cpp_range"] = reference_text(qtype)
+        row["verdict"] = against_reference(qtype, row)
         report["files"][qtype] = row
         del llm
     return report

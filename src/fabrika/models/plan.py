@@ -76,10 +76,25 @@ class Plan:
 
 
 def _config(arch: str, size: str, model: str | None):
+    """The HF config to plan: a model directory or its config.json, a Hub id, or a preset."""
     if model:
+        from pathlib import Path
+
         from transformers import AutoConfig
 
+        path = Path(model)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise FabrikaError(f"--model: {model} has no config.json (a Hugging Face model directory has one)")
         try:
+            if path.is_file():
+                from transformers import CONFIG_MAPPING
+
+                settings = json.loads(path.read_text(encoding="utf-8"))
+                kind = settings.pop("model_type", None)
+                if kind not in CONFIG_MAPPING:
+                    raise FabrikaError(f"--model: {model} has no known model_type ({kind!r}); "
+                                       "expected a Hugging Face config.json")
+                return CONFIG_MAPPING[kind](**settings), path.parent.name or model
             return AutoConfig.from_pretrained(model), model
         except (OSError, ValueError) as e:
             raise FabrikaError(f"--model: cannot read a Hugging Face config from {model!r} ({e})") from None
@@ -169,27 +184,33 @@ def make_plan(arch: str = "llama", size: str = "8b", model: str | None = None, t
     return plan
 
 
-def _human(x: float, unit: str = "") -> str:
-    for scale, suffix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+def _count(x: float) -> str:
+    """Parameters and tokens the way model cards and papers write them: 8.03B, 15T, 125M."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(x) >= scale:
-            return f"{x / scale:.3g}{suffix}{unit}"
-    return f"{x:.3g}{unit}"
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _sci(x: float) -> str:
+    """FLOPs in plain scientific notation (5.05e+22), as compute budgets are quoted."""
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
 
 
 def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
     p = plan.params
-    active = f", {_human(p['active'])} active per token" if "active" in p else ""
-    console.print(f"[bold]{plan.model}[/]: {_human(p['total'])} parameters ({_human(p['non_embedding'])} without "
+    active = f", {_count(p['active'])} active per token" if "active" in p else ""
+    console.print(f"[bold]{plan.model}[/]: {_count(p['total'])} parameters ({_count(p['non_embedding'])} without "
                   f"the input embedding{active}); {plan.gpus} × {plan.gpu}, sequence {plan.seq_len}")
     compute = Table(title="compute", show_header=False)
     compute.add_column(justify="left")
     compute.add_column(justify="right")
-    for k, v in [("training tokens", f"{_human(plan.tokens)} ({plan.tokens_source})"),
-                 ("FLOPs per token", _human(plan.flops_per_token)),
-                 ("total FLOPs", _human(plan.total_flops)),
-                 ("Chinchilla-optimal tokens", _human(plan.chinchilla_tokens)),
+    for k, v in [("training tokens", f"{_count(plan.tokens)} ({plan.tokens_source})"),
+                 ("FLOPs per token", _sci(plan.flops_per_token)),
+                 ("total FLOPs", _sci(plan.total_flops)),
+                 ("Chinchilla-optimal tokens", _count(plan.chinchilla_tokens)),
                  ("data", plan.data_verdict),
                  ("wall-clock", f"{plan.hours:,.1f} h ({plan.hours / 24:,.1f} days)"),
                  ("GPU-hours", f"{plan.gpu_hours:,.0f}"),
@@ -208,13 +229,33 @@ def render_plan(plan: Plan, console) -> None:
         console.print(f"  • {a}")
 
 
+def render_sizes(console) -> None:
+    """Every preset `--size` takes, per family, with the released model whose shape it is."""
+    from rich.table import Table
+
+    from fabrika.models.presets import ARCHS, PUBLISHED, SAME_AS, sizes
+
+    table = Table(title="presets (--arch, --size)")
+    for col in ("arch", "size", "shape of"):
+        table.add_column(col)
+    for arch in ARCHS:
+        for size in sizes(arch):
+            released = PUBLISHED.get(arch, {}).get(size, (SAME_AS.get((arch, size), ""),))[0]
+            table.add_row(arch, size, released or ("tests" if size == "tiny" else "scaled"))
+    console.print(table)
+
+
 def plan_command(arch: str, size: str, model: str | None, tokens: float | None, data_gb: float | None, gpu: str,
                  gpus: int, mfu: float, price: float | None, seq_len: int | None, micro_batch: int,
-                 json_out: bool) -> None:
+                 json_out: bool, bytes_per_token: float = 4.0) -> None:
     from rich.console import Console
 
+    if size == "list":
+        render_sizes(Console(width=120))
+        return
     plan = make_plan(arch=arch, size=size, model=model, tokens=tokens, data_gb=data_gb, gpu=gpu, gpus=gpus, mfu=mfu,
-                     price_per_gpu_hour=price, seq_len=seq_len, micro_batch=micro_batch)
+                     price_per_gpu_hour=price, seq_len=seq_len, micro_batch=micro_batch,
+                     bytes_per_token=bytes_per_token)
     if json_out:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

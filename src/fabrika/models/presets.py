@@ -4,7 +4,9 @@
 Families: llama, mistral, mixtral (MoE, 8 experts, top 2), qwen2, gpt2. Sizes: tiny (tests; dims that
 llama.cpp's K-quants accept), 125m, 350m, 1b, 3b, 8b. `llama-8b` is Llama-3-8B's configuration and
 `mistral-8b` Mistral-7B's; the others follow each family's published shapes where one exists
-(GPT-2 small/medium; Qwen2-0.5B/1.5B/7B; Llama-3.2-1B/3B) and scale them otherwise.
+(GPT-2 small/medium; Qwen2-0.5B/1.5B/7B; Llama-3.2-1B/3B) and scale them otherwise. Released models
+whose shape no scaled size has are sizes of their own family: llama 70b, mistral 7b, mixtral 8x7b,
+qwen2 7b and 72b (`fabrika plan --size list`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
@@ -50,11 +52,38 @@ _QWEN2 = {
 }
 VOCAB = {"llama": 128256, "mistral": 32768, "mixtral": 32000, "qwen2": 151936, "gpt2": 50257}
 
+# Released models at their exact shapes (each model's config.json on the Hub), for `plan` and for
+# training at a known shape: size -> (released model, (hidden, layers, heads, kv heads, intermediate),
+# config attributes that differ from the family's defaults here).
+PUBLISHED: dict[str, dict[str, tuple[str, tuple[int, int, int, int, int], dict[str, Any]]]] = {
+    "llama": {"70b": ("Meta-Llama-3-70B", (8192, 80, 64, 8, 28672), {})},
+    "mistral": {"7b": ("Mistral-7B-v0.1", (4096, 32, 32, 8, 14336),
+                       {"vocab_size": 32000, "sliding_window": 4096,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})},
+    "mixtral": {"8x7b": ("Mixtral-8x7B-v0.1", (4096, 32, 32, 8, 14336), {})},  # 8 experts, top 2
+    "qwen2": {"7b": ("Qwen2-7B", (3584, 28, 28, 4, 18944), {"vocab_size": 152064}),
+              "72b": ("Qwen2-72B", (8192, 80, 64, 8, 29568), {"vocab_size": 152064})},
+}
+# The scaled sizes that are a released model's shape too.
+SAME_AS = {("llama", "1b"): "Llama-3.2-1B", ("llama", "3b"): "Llama-3.2-3B", ("llama", "8b"): "Meta-Llama-3-8B",
+           ("mistral", "8b"): "Mistral-7B-v0.3", ("qwen2", "350m"): "Qwen2-0.5B", ("qwen2", "1b"): "Qwen2-1.5B",
+           ("qwen2", "3b"): "Qwen2.5-3B", ("qwen2", "8b"): "Qwen2-7B (vocabulary 151936)",
+           ("gpt2", "125m"): "gpt2", ("gpt2", "350m"): "gpt2-medium"}
+
+
+def sizes(arch: str) -> list[str]:
+    """Every size of a family: the scaled ones, then its released shapes."""
+    return [*SIZES, *PUBLISHED.get(arch, {})]
+
+
+def _dims(table: dict[str, tuple], arch: str, size: str) -> tuple:
+    return PUBLISHED[arch][size][1] if size in PUBLISHED.get(arch, {}) else table[size]
+
 
 def _llama(size: str, vocab: int, positions: int | None):
     from transformers import LlamaConfig
 
-    h, n, heads, kv, inter = _DENSE[size]
+    h, n, heads, kv, inter = _dims(_DENSE, "llama", size)
     return LlamaConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
                        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=positions or 8192,
                        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
@@ -64,7 +93,7 @@ def _llama(size: str, vocab: int, positions: int | None):
 def _mistral(size: str, vocab: int, positions: int | None):
     from transformers import MistralConfig
 
-    h, n, heads, kv, inter = _DENSE[size]
+    h, n, heads, kv, inter = _dims(_DENSE, "mistral", size)
     return MistralConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
                          intermediate_size=inter, vocab_size=vocab, max_position_embeddings=positions or 32768,
                          sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -74,7 +103,7 @@ def _mistral(size: str, vocab: int, positions: int | None):
 def _mixtral(size: str, vocab: int, positions: int | None):
     from transformers import MixtralConfig
 
-    h, n, heads, kv, inter = _MOE[size]
+    h, n, heads, kv, inter = _dims(_MOE, "mixtral", size)
     return MixtralConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
                          intermediate_size=inter, vocab_size=vocab, max_position_embeddings=positions or 32768,
                          num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
@@ -84,7 +113,7 @@ def _mixtral(size: str, vocab: int, positions: int | None):
 def _qwen2(size: str, vocab: int, positions: int | None):
     from transformers import Qwen2Config
 
-    h, n, heads, kv, inter = _QWEN2[size]
+    h, n, heads, kv, inter = _dims(_QWEN2, "qwen2", size)
     return Qwen2Config(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
                        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=positions or 32768,
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -112,8 +141,12 @@ def make_config(arch: str, size: str, vocab_size: int | None = None, max_positio
                 **overrides: Any):
     """A Hugging Face config for a preset; `overrides` are attributes of that config."""
     _choice("architecture", arch, ARCHS)
-    _choice("size", size, SIZES)
-    config = ARCHS[arch](size, vocab_size or VOCAB[arch], max_position_embeddings)
+    _choice(f"{arch} size", size, sizes(arch))
+    published = PUBLISHED.get(arch, {}).get(size, ("", (), {}))[2]
+    config = ARCHS[arch](size, vocab_size or published.get("vocab_size") or VOCAB[arch], max_position_embeddings)
+    for key, value in published.items():
+        if key != "vocab_size":
+            setattr(config, key, value)
     known = set(config.to_dict())
     for key, value in overrides.items():
         if key not in known:
@@ -156,9 +189,16 @@ class ModelSpec(Config):
     @field_validator("size")
     @classmethod
     def _size(cls, v: str) -> str:
-        if v not in SIZES:
-            raise ValueError(f"unknown size; choose from {', '.join(SIZES)}")
+        known = [*SIZES, *dict.fromkeys(s for table in PUBLISHED.values() for s in table)]
+        if v not in known:
+            raise ValueError(f"unknown size; choose from {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _size_of_family(self):
+        if self.size not in sizes(self.arch):
+            raise ValueError(f"{self.arch} has no size {self.size}; choose from {', '.join(sizes(self.arch))}")
+        return self
 
     def to_hf_config(self, vocab_size: int, max_position_embeddings: int | None = None):
         return make_config(self.arch, self.size, vocab_size, max_position_embeddings, **self.overrides)
