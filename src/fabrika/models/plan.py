@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fabrika.errors import FabrikaError
+from fabrika.models.checks import check_model_dir
 from fabrika.models.presets import layer_linears
 
 # Dense bf16 peak TFLOP/s (vendor spec sheets, without sparsity), memory GB, typical rental $/GPU-hour.
@@ -79,6 +80,7 @@ def _config(arch: str, size: str, model: str | None):
     if model:
         from transformers import AutoConfig
 
+        check_model_dir(model, "--model")
         try:
             return AutoConfig.from_pretrained(model), model
         except (OSError, ValueError) as e:
