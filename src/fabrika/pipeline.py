@@ -468,7 +468,8 @@ def status_table(run_dir: str | Path) -> Table:
             metrics = _format_estimate(key_metrics(m.get("metrics", {})))
         elif state == "failed":
             metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
-        colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow", "stale": "yellow"}.get(state, "dim")
+        colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow",
+                  "stale": "yellow"}.get(state, "dim")
         table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)
     return table
 
