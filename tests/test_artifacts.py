@@ -91,10 +91,14 @@ def test_a_failed_replacement_keeps_the_old_file(tmp_path):
 def test_damaged_outputs_are_named(tmp_path):
     from fabrika.artifacts import damaged_outputs, describe_outputs
 
-    (tmp_path / "a.bin").write_bytes(b"x" * 10)
-    (tmp_path / "b.bin").write_bytes(b"y" * 10)
-    manifest = {"outputs": describe_outputs(tmp_path)}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "model" / "b.bin").write_bytes(b"y" * 10)
+    (tmp_path / "cache.sqlite").write_bytes(b"z" * 10)
+    manifest = {"outputs": describe_outputs(tmp_path), "artifact": {"path": "model"}}
     assert damaged_outputs(tmp_path, manifest) == []
-    (tmp_path / "a.bin").write_bytes(b"x" * 4)
-    (tmp_path / "b.bin").unlink()
-    assert damaged_outputs(tmp_path, manifest) == ["a.bin is 4 bytes, the manifest says 10", "b.bin is missing"]
+    (tmp_path / "model" / "a.bin").write_bytes(b"x" * 4)
+    (tmp_path / "model" / "b.bin").unlink()
+    (tmp_path / "cache.sqlite").write_bytes(b"z" * 20)  # a working file beside the artifact: not checked
+    assert damaged_outputs(tmp_path, manifest) == ["model/a.bin is 4 bytes, the manifest says 10",
+                                                   "model/b.bin is missing"]

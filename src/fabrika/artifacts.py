@@ -197,11 +197,16 @@ def describe_outputs(stage_dir: Path, hash_limit: int = 64 << 20) -> list[dict[s
 
 
 def damaged_outputs(stage_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
-    """What changed in a finished stage's outputs since its manifest was written: missing files and
+    """What changed in a finished stage's artifact since its manifest was written: missing files and
     files of another size. Sizes only (a stat each), so checking a reused stage costs nothing; a
-    truncated copy or a deleted shard is what this catches."""
+    truncated copy or a deleted shard is what this catches. Only the artifact (what the next stage
+    reads) is checked: working files beside it, such as a response cache that SQLite rewrites when
+    it closes, may change size without anything being wrong."""
+    artifact = str((manifest.get("artifact") or {}).get("path", "."))
     problems = []
     for row in manifest.get("outputs") or []:
+        if artifact != "." and row["path"] != artifact and not row["path"].startswith(artifact + "/"):
+            continue
         p = Path(stage_dir) / row["path"]
         if not p.is_file():
             problems.append(f"{row['path']} is missing")
