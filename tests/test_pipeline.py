@@ -222,7 +222,8 @@ def test_a_reused_stage_whose_output_changed_is_refused_until_forced(tmp_path, s
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "tokenizer/tokenizer.json is" in r.stderr and "--force tok" in r.stderr
     assert tok_json.stat().st_size == len(good) // 2  # nothing was rebuilt behind the user's back
-    assert "damaged" in run_cli("status", str(run_dir)).stdout
+    status = run_cli("status", str(run_dir)).stdout
+    assert "damaged" in status and "tokenizer/tokenizer.json" in status
 
     (run_dir / "tok" / "tokenizer" / "tokenizer_config.json").unlink()
     r = run_cli("run", str(path))

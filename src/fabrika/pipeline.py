@@ -466,6 +466,8 @@ def status_table(run_dir: str | Path) -> Table:
         if m:
             duration = f"{m.get('duration_s', 0):.1f}s"
             metrics = _format_estimate(key_metrics(m.get("metrics", {})))
+        if state == "damaged":
+            metrics = "; ".join(damaged_outputs(s["dir"], m))[:80]
         elif state == "failed":
             metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
         colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow",
