@@ -92,6 +92,8 @@ CASES = [
          {"p.yaml": pipeline(**{"a/b": TOK_STAGE})}),
     Case("run-stage-name-parent", ["run", "{w}/p.yaml"], ["'..'", "not a usable stage name"],
          {"p.yaml": pipeline(**{"..": TOK_STAGE})}),
+    Case("run-name-leaves-runs", ["run", "{w}/p.yaml"], ["name: '../../etc'", "or set run_dir"],
+         {"p.yaml": "name: ../../etc\nstages: {tok: {kind: tokenizer, paths: [a]}}\n"}),
     Case("run-unknown-kind", ["run", "{w}/p.yaml"], ["stages.tok.kind", "did you mean 'tokenizer'"],
          {"p.yaml": pipeline(tok={**TOK_STAGE, "kind": "tokeniser"})}),
     Case("run-unknown-stage-key", ["run", "{w}/p.yaml"], ["stages.tok.vocab_sise", "did you mean 'vocab_size'"],

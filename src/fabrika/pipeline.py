@@ -56,6 +56,7 @@ PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the 
 FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
 FAILED_FILE = ".failed"
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a stage's name is its directory's name: no "/", no ".."
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # the default run directory's name
 
 log = logging.getLogger("fabrika")
 
@@ -137,6 +138,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     cfg = validate(PipelineConfig, data, source)
     if not cfg.stages:
         raise FabrikaError(f"{source}: stages: the pipeline has no stages")
+    if cfg.run_dir is None and not RUN_NAME.fullmatch(cfg.name):
+        raise FabrikaError(f"{source}: name: {cfg.name!r} would name the run directory runs/<name>, so it may hold only "
+                           "letters, digits, '_', '-' and '.' (or set run_dir)")
     run_dir = Path(cfg.run_dir or f"runs/{cfg.name}")
 
     parsed: dict[str, Stage] = {}
