@@ -77,11 +77,11 @@ def check_stage_name(name: Any, source: str) -> str:
 
 
 def stage_path(run_dir: Path, name: str, source: str) -> Path:
-    """<run_dir>/<name>, refused when it leads anywhere else (a symlink out of the run directory):
+    """<run_dir>/<name>, refused when it resolves anywhere else (a symlink out of the run directory):
     `--force` deletes this directory, and must never delete what the run does not own."""
     d = run_dir / check_stage_name(name, source)
     if d.resolve().parent != run_dir.resolve():
-        raise FabrikaError(f"{d}: the directory of stage {name!r} leads to {d.resolve()}, outside the run directory "
+        raise FabrikaError(f"{d}: the directory of stage {name!r} resolves to {d.resolve()}, outside the run directory "
                            f"{run_dir}; remove that link")
     return d
 
