@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
 
 
+FABRIKA = str(Path(sys.executable).parent / "fabrika")  # the installed console script
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600,
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run `fabrika ARGS` in a fresh process, as a user would."""
-    cmd = (launcher or [sys.executable, "-m", "fabrika.cli"]) + list(args)
+    """Run the installed `fabrika ARGS` in a fresh process, as a user would (`launcher`: a command
+    such as torchrun that starts fabrika itself)."""
+    cmd = (launcher or [FABRIKA]) + list(args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
                           env={**os.environ, **(env or {})})
 

@@ -70,3 +70,49 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_temp_names_cannot_be_planted_in_advance(tmp_path):
+    """A link left at the old, predictable temp name must not redirect a write elsewhere."""
+    from fabrika.artifacts import replacing
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / ".model.gguf.tmp").symlink_to(victim)
+    names = []
+    for data in (b"one", b"two"):
+        with replacing(tmp_path / "model.gguf") as tmp:
+            names.append(tmp.name)
+            tmp.write_bytes(data)
+    assert (tmp_path / "model.gguf").read_bytes() == b"two" and victim.read_text() == "keep"
+    assert names[0] != names[1] and all(n.startswith(".model.gguf.") for n in names)
+    assert sorted(os.listdir(tmp_path)) == [".model.gguf.tmp", "model.gguf", "victim.txt"]
+
+
+def test_a_failed_replacement_keeps_the_old_file(tmp_path):
+    import pytest
+
+    from fabrika.artifacts import replacing
+
+    (tmp_path / "out.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replacing(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert (tmp_path / "out.bin").read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_damaged_outputs_are_named(tmp_path):
+    from fabrika.artifacts import damaged_outputs, describe_outputs
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "model" / "b.bin").write_bytes(b"y" * 10)
+    (tmp_path / "cache.sqlite").write_bytes(b"z" * 10)
+    manifest = {"outputs": describe_outputs(tmp_path), "artifact": {"path": "model"}}
+    assert damaged_outputs(tmp_path, manifest) == []
+    (tmp_path / "model" / "a.bin").write_bytes(b"x" * 4)
+    (tmp_path / "model" / "b.bin").unlink()
+    (tmp_path / "cache.sqlite").write_bytes(b"z" * 20)  # a working file beside the artifact: not checked
+    assert damaged_outputs(tmp_path, manifest) == ["model/a.bin is 4 bytes, the manifest says 10",
+                                                   "model/b.bin is missing"]

@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,21 +33,51 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
+def fsync_dir(path: str | Path) -> None:
+    """Make the names in a directory durable: a rename is only on disk once its directory is synced."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temp file to write in place of `path`, renamed over it when the block ends without error.
+
+    The temp name is unpredictable (mkstemp), so nobody can plant a file or link at it beforehand, and
+    it lives in the same directory, so the rename is atomic. The data and the rename are fsynced:
+    readers, and a machine that loses power, see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file another library wrote (safetensors, arrow, gguf) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -185,17 +216,44 @@ def path_fingerprint(path: str | Path) -> Any:
 
 
 def describe_outputs(stage_dir: Path, hash_limit: int = 64 << 20) -> list[dict[str, Any]]:
-    """Files of a finished stage with sizes, and sha256 for those small enough to hash quickly."""
+    """Files of a finished stage with sizes, and sha256 for those small enough to hash quickly.
+
+    Every file and directory is fsynced on the way: datasets, safetensors and gguf write through
+    their own file handles, and the manifest that follows must never reach the disk before the
+    outputs it vouches for."""
     out = []
     for p in sorted(stage_dir.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            fsync_dir(p)
         if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
             continue
+        fsync_file(p)
         size = p.stat().st_size
         row: dict[str, Any] = {"path": str(p.relative_to(stage_dir)), "bytes": size}
         if size <= hash_limit:
             row["sha256"] = file_sha256(p)
         out.append(row)
+    fsync_dir(stage_dir)
     return out
+
+
+def damaged_outputs(stage_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """What changed in a finished stage's artifact since its manifest was written: missing files and
+    files of another size. Sizes only (a stat each), so checking a reused stage costs nothing; a
+    truncated copy or a deleted shard is what this catches. Only the artifact (what the next stage
+    reads) is checked: working files beside it, such as a response cache that SQLite rewrites when
+    it closes, may change size without anything being wrong."""
+    artifact = str((manifest.get("artifact") or {}).get("path", "."))
+    problems = []
+    for row in manifest.get("outputs") or []:
+        if artifact != "." and row["path"] != artifact and not row["path"].startswith(artifact + "/"):
+            continue
+        p = Path(stage_dir) / row["path"]
+        if not p.is_file():
+            problems.append(f"{row['path']} is missing")
+        elif p.stat().st_size != row["bytes"]:
+            problems.append(f"{row['path']} is {p.stat().st_size:,} bytes, the manifest says {row['bytes']:,}")
+    return problems
 
 
 def package_versions() -> dict[str, str]:

@@ -402,6 +402,14 @@ def main() -> None:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):  # settings built from command-line values without a config file
+            from fabrika.config import describe_validation_error
+
+            message = describe_validation_error(e, None, "command line")
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            sys.exit(2)
         if not _disk_full(e):
             raise
         where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""

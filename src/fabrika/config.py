@@ -93,7 +93,7 @@ def interpolate(data: dict[str, Any]) -> dict[str, Any]:
     return sub(data)
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     """The field names valid at `loc` (a pydantic error location), to suggest a spelling from."""
     current: Any = model
     for part in loc:
@@ -112,7 +112,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def describe_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
+def describe_validation_error(err: ValidationError, model: type[BaseModel] | None, source: str,
+                              prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])

@@ -16,6 +16,7 @@ import difflib
 import glob
 import importlib
 import logging
+import re
 import shutil
 import time
 import traceback
@@ -29,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fabrika import __version__
-from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, fingerprint, path_fingerprint,
-                               read_json, read_manifest)
+from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, damaged_outputs, fingerprint,
+                               path_fingerprint, read_json, read_manifest)
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError
 from fabrika.logs import event, stage_output
@@ -54,6 +55,8 @@ DISTRIBUTED = {"pretrain", "sft", "prefer"}
 PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
 FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
 FAILED_FILE = ".failed"
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a stage's name is its directory's name: no "/", no ".."
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # the default run directory's name
 
 log = logging.getLogger("fabrika")
 
@@ -64,6 +67,23 @@ class PipelineConfig(Config):
     seed: int = Field(0, description="Seed handed to every stage.")
     models: dict[str, str] = Field(default_factory=dict, description="Named model references (hf:, gguf:, openai:).")
     stages: dict[str, dict[str, Any]] = Field(description="Stages in run order; `kind` defaults to the key.")
+
+
+def check_stage_name(name: Any, source: str) -> str:
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+        raise FabrikaError(f"{source}: stages: {name!r} is not a usable stage name: it names the stage's directory, "
+                           "so it may hold only letters, digits, '_' and '-'")
+    return name
+
+
+def stage_path(run_dir: Path, name: str, source: str) -> Path:
+    """<run_dir>/<name>, refused when it resolves anywhere else (a symlink out of the run directory):
+    `--force` deletes this directory, and must never delete what the run does not own."""
+    d = run_dir / check_stage_name(name, source)
+    if d.resolve().parent != run_dir.resolve():
+        raise FabrikaError(f"{d}: the directory of stage {name!r} resolves to {d.resolve()}, outside the run directory "
+                           f"{run_dir}; remove that link")
+    return d
 
 
 def stage_module(kind: str) -> ModuleType:
@@ -102,7 +122,7 @@ class Pipeline:
                            f"{', '.join(s.name for s in self.stages)})")
 
     def stage_dir(self, name: str) -> Path:
-        return self.run_dir / name
+        return stage_path(self.run_dir, name, self.source)
 
     def context(self, stage: Stage, quiet: bool = False) -> RunContext:
         inputs = {d: Artifact.load(self.stage_dir(d)) for d in stage.deps}
@@ -118,10 +138,14 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     cfg = validate(PipelineConfig, data, source)
     if not cfg.stages:
         raise FabrikaError(f"{source}: stages: the pipeline has no stages")
+    if cfg.run_dir is None and not RUN_NAME.fullmatch(cfg.name):
+        raise FabrikaError(f"{source}: name: {cfg.name!r} would name the run directory runs/<name>, so it may hold only "
+                           "letters, digits, '_', '-' and '.' (or set run_dir)")
     run_dir = Path(cfg.run_dir or f"runs/{cfg.name}")
 
     parsed: dict[str, Stage] = {}
     for name, raw in cfg.stages.items():
+        check_stage_name(name, source)
         if not isinstance(raw, dict):
             raise FabrikaError(f"{source}: stages.{name}: expected a mapping of settings, got {type(raw).__name__}")
         raw = dict(raw)
@@ -144,7 +168,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stage.fingerprint = fingerprint({
             "kind": stage.kind,
             "config": stage.cfg.model_dump(mode="json"),
-            "inputs": {r: parsed[r].fingerprint if r in parsed else _external_fingerprint(r) for r in stage.refs},
+            "inputs": {r: parsed[r].fingerprint if r in parsed else _external_fingerprint(cfg.models.get(r, r))
+                       for r in stage.refs},
             "seed": cfg.seed,
             "fabrika": __version__,
         })
@@ -163,9 +188,13 @@ def _check_reference(ref: str, stage: str, cfg: PipelineConfig, source: str) -> 
 
 
 def _external_fingerprint(ref: str) -> Any:
-    """A path (or glob) is identified by its files; a Hub id or model name by itself."""
+    """A path (or glob) is identified by its files, also behind hf: or gguf: (a model retrained at the
+    same path must not reuse results of the old one); a Hub id or an API model by its name."""
     if any(ch in ref for ch in "*?["):
         return [path_fingerprint(m) for m in sorted(glob.glob(ref, recursive=True))]
+    scheme, sep, rest = ref.partition(":")
+    if sep and scheme in ("hf", "gguf") and Path(rest).exists():
+        return [scheme, path_fingerprint(rest)]
     return path_fingerprint(ref) if Path(ref).exists() else ref
 
 
@@ -192,13 +221,25 @@ def _topological(stages: dict[str, Stage], source: str) -> list[Stage]:
 
 
 def disk_state(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
-    """done, stale (finished with another config), failed, interrupted or pending, and the manifest."""
+    """done, damaged (done, but an output changed since), stale (finished with another config), failed,
+    interrupted or pending, and the manifest."""
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        return ("done" if manifest.get("fingerprint") == fingerprint else "stale"), manifest
+        if manifest.get("fingerprint") != fingerprint:
+            return "stale", manifest
+        return ("damaged" if damaged_outputs(stage_dir, manifest) else "done"), manifest
     if (stage_dir / FAILED_FILE).exists():
         return "failed", None
     return ("interrupted" if stage_dir.exists() else "pending"), None
+
+
+def damage_report(stage_dir: Path, name: str) -> str:
+    """Why a finished stage is not reused. A damaged stage is never rebuilt on its own: it may have
+    cost money or days, and what changed its files (a disk, a person) is worth a look first."""
+    problems = damaged_outputs(stage_dir, read_manifest(stage_dir) or {})
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (f"stage {name!r} finished, but its outputs in {stage_dir} changed since: {'; '.join(problems[:3])}{more}. "
+            f"Run again with --force {name} to rebuild it")
 
 
 def stage_state(pipe: Pipeline, stage: Stage) -> str:
@@ -215,8 +256,9 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     spec = read_json(spec_file)
     stages = []
     for s in spec["stages"]:
-        state, manifest = disk_state(run_dir / s["name"], s["fingerprint"])
-        stages.append({**s, "dir": run_dir / s["name"], "state": state, "manifest": manifest or {}})
+        d = stage_path(run_dir, s["name"], str(spec_file))
+        state, manifest = disk_state(d, s["fingerprint"])
+        stages.append({**s, "dir": d, "state": state, "manifest": manifest or {}})
     return spec, stages
 
 
@@ -276,6 +318,8 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 results[stage.name] = Artifact.load(d)
                 ranks.tell(stage.name, NEXT)
                 continue
+            if state == "damaged" and stage.name not in forced:
+                raise FabrikaError(damage_report(d, stage.name))
             missing = [dep for dep in stage.deps if stage_state(pipe, pipe.stage(dep)) != "done"]
             if missing:
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
@@ -378,6 +422,8 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
             action = "cached"
         elif state == "interrupted":
             action = "resume"
+        elif state == "damaged" and stage.name not in forced:
+            action = "stop: outputs changed (--force rebuilds)"
         else:
             action = "run"
         estimate = ""
@@ -424,9 +470,12 @@ def status_table(run_dir: str | Path) -> Table:
         if m:
             duration = f"{m.get('duration_s', 0):.1f}s"
             metrics = _format_estimate(key_metrics(m.get("metrics", {})))
+        if state == "damaged":
+            metrics = "; ".join(damaged_outputs(s["dir"], m))[:80]
         elif state == "failed":
             metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
-        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "stale": "yellow"}.get(state, "dim")
+        colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow",
+                  "stale": "yellow"}.get(state, "dim")
         table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)
     return table
 

@@ -22,8 +22,8 @@ from fabrika.pipeline import read_run
 
 SECTIONS = {"pipeline": "Pipeline", "data": "Datasets", "training": "Training", "evaluation": "Evaluation",
             "gguf": "GGUF export", "reproduce": "Reproduce"}
-STATE_COLORS = {"done": "#c8e6c9", "failed": "#ffcdd2", "interrupted": "#fff3c4", "stale": "#e0e0e0",
-                "pending": "#f5f5f5"}
+STATE_COLORS = {"done": "#c8e6c9", "failed": "#ffcdd2", "damaged": "#ffcdd2", "interrupted": "#fff3c4",
+                "stale": "#e0e0e0", "pending": "#f5f5f5"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1180px;padding:1.5rem;
 color:#222;line-height:1.45}
@@ -196,7 +196,8 @@ def training_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
                             "parameters", "trainable_parameters") if k in m]
         detail = f"method {cfg.get('method')}" if cfg.get("method") else ""
         parts.append(f"<h3>{html.escape(s['name'])} <span class='muted'>{html.escape(s['kind'])} "
-                     f"{html.escape(detail)}</span></h3>" + (f"<img alt='{s['name']} curves' src='{img}'>" if img else "")
+                     f"{html.escape(detail)}</span></h3>"
+                     + (f"<img alt='{html.escape(s['name'])} curves' src='{img}'>" if img else "")
                      + _table(["metric", "value"], [[k, m[k]] for k in keys]))
         md.append(f"- **{s['name']}**: " + ", ".join(f"{k} {_cell(m[k])}" for k in keys[:4]))
     return "".join(parts) or "<p class='muted'>No training stage in this run.</p>", md
@@ -288,9 +289,11 @@ def reproduce_section(spec: dict[str, Any], stages: list[dict[str, Any]]) -> str
     versions = next((s["manifest"].get("versions") for s in reversed(stages) if s["manifest"].get("versions")), {})
     host = next((s["manifest"].get("host") for s in reversed(stages) if s["manifest"].get("host")), {})
     configs = "".join(f"<details><summary>{html.escape(s['name'])} ({html.escape(s['kind'])}), fingerprint "
-                      f"{s['fingerprint']}</summary><pre>{html.escape(json.dumps(s['manifest'].get('config'), indent=2))}"
+                      f"{html.escape(str(s['fingerprint']))}</summary>"
+                      f"<pre>{html.escape(json.dumps(s['manifest'].get('config'), indent=2))}"
                       "</pre></details>" for s in stages if s["manifest"])
-    return (f"<p>Run again with <code>fabrika run {html.escape(spec.get('source', ''))}</code> (seed {spec.get('seed')});"
+    return (f"<p>Run again with <code>fabrika run {html.escape(spec.get('source', ''))}</code> "
+            f"(seed {html.escape(str(spec.get('seed')))});"
             " finished stages with unchanged fingerprints are reused.</p>"
             + _table(["package", "version"], sorted(versions.items()))
             + _table(["host", "value"], [[k, v] for k, v in host.items()]) + configs)

@@ -32,6 +32,7 @@ from pydantic import Field
 from fabrika.artifacts import Artifact, RunContext, atomic_write_bytes, atomic_write_json, fingerprint, read_json
 from fabrika.data.text_sources import ReadStats, TextSources, iter_documents, resolve_files
 from fabrika.errors import FabrikaError
+from fabrika.models.checks import check_tokenizer_dir
 
 INDEX = "index.json"
 
@@ -103,10 +104,11 @@ class ShardWriter:
 
 
 def run(cfg: PrepareConfig, ctx: RunContext) -> Artifact:
-    from transformers import AutoTokenizer
-
     out = ctx.stage_dir
     tok_ref = ctx.resolve(cfg.tokenizer)
+    check_tokenizer_dir(tok_ref, "tokenizer")
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_ref)
     except (OSError, ValueError) as e:

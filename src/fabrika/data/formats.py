@@ -96,6 +96,8 @@ def to_messages(row: dict[str, Any], fmt: str = "auto", text_field: str = "text"
         if not found:
             raise RowError("no <|im_start|>role ... <|im_end|> blocks in the text")
         return found
+    if fmt == "text":
+        raise RowError(f"`{text_field}` holds plain text, not a conversation (no <|im_start|> blocks)")
     if fmt == "prompt":
         value = row.get(prompt_field)
         if not isinstance(value, str):

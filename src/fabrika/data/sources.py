@@ -52,10 +52,39 @@ def _load_files(files: list[Path], ref: str):
     kinds = {FILE_LOADERS[f.suffix] for f in files}
     if len(kinds) > 1:
         raise FabrikaError(f"{ref}: mixes file types {sorted(kinds)}; use one kind per source")
+    kind = kinds.pop()
+    if all(f.stat().st_size == 0 for f in files):
+        raise FabrikaError(f"{files[0] if len(files) == 1 else ref}: empty; expected rows "
+                           f"({'one JSON object a line' if kind == 'json' else kind})")
     try:
-        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:
-        raise FabrikaError(f"{ref}: could not read ({type(e).__name__}: {str(e)[:300]})") from None
+        where = _first_bad_json(files) if kind == "json" else None
+        raise FabrikaError(where or f"{ref}: could not read ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _first_bad_json(files: list[Path]) -> str | None:
+    """Where a JSON Lines file went wrong (file and line), which `datasets`' own error does not say."""
+    import json
+
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"{f}: not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})"
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{f}:{n}: not valid JSON ({e.msg}, column {e.colno}); expected one JSON object a line"
+            if not isinstance(row, dict):
+                return f"{f}:{n}: a JSON {type(row).__name__}, expected an object (one row a line)"
+    return None
 
 
 def iter_rows(ref: str, split: str = "train", id_field: str | None = None) -> Iterator[tuple[Any, dict[str, Any]]]:

@@ -43,10 +43,18 @@ def load_questions(bench: str) -> tuple[list[dict], dict[int, dict], str]:
     questions = []
     for n, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            q = json.loads(line)
-            if "question_id" not in q or not isinstance(q.get("turns"), list):
-                raise FabrikaError(f"{qfile}:{n}: expected FastChat's question format (question_id, category, turns)")
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FabrikaError(f"{qfile}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            turns = q.get("turns") if isinstance(q, dict) else None
+            if (not isinstance(q, dict) or "question_id" not in q or not isinstance(turns, list) or not turns
+                    or not all(isinstance(t, str) for t in turns)):
+                raise FabrikaError(f"{qfile}:{n}: expected FastChat's question format (question_id, category, "
+                                   "turns: a list of strings)")
             questions.append(q)
+    if not questions:
+        raise FabrikaError(f"mtbench.bench: {qfile} holds no questions")
     refs: dict[int, dict] = {}
     if rfile.is_file():
         for line in rfile.read_text(encoding="utf-8").splitlines():

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fabrika import __version__
+from fabrika.artifacts import replacing
 from fabrika.errors import FabrikaError
 
 # HF model_type → GGUF architecture. Mistral and Mixtral are the llama graph in llama.cpp.
@@ -366,6 +367,24 @@ def _end_of_turn_id(model_dir: Path, tok) -> int | None:
     return next((i for i in ids if i is not None), None)
 
 
+_ABSOLUTE = re.compile(r"^((?:hf|gguf):)?(?:/|~|[A-Za-z]:[\\/])")
+
+
+def portable(value: Any) -> Any:
+    """Lineage without the paths of the machine that exported it: a GGUF file is shared, and the
+    absolute path of a model directory names users and hosts. A local path keeps its last part (the
+    fingerprints identify the stages); Hub ids and stage names stay as they are."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str):
+        m = _ABSOLUTE.match(value)
+        if m:
+            return (m.group(1) or "") + Path(value[len(m.group(1) or ""):]).name
+    return value
+
+
 # --- the writer --------------------------------------------------------------------------------
 
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", lineage: dict | None = None,
@@ -382,42 +401,37 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", lineag
     shapes = tensor_shapes(model_dir)
     plan = plan_tensors(config, shapes)
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(tmp), arch)
-    add_model_metadata(w, config, arch, model_dir.name)
-    tok_info = add_tokenizer_metadata(w, model_dir)
-    w.add_string("fabrika.version", __version__)
-    w.add_string("fabrika.source", str(model_dir.resolve()))
-    if lineage:
-        w.add_string("fabrika.lineage", json.dumps(lineage, sort_keys=True))
-    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[outtype])
-
     types, fallbacks = [], []
-    for s in plan:
-        qtype, why = tensor_type(s, outtype)
-        if why:
-            fallbacks.append({"tensor": s.gguf_name, "to": "f16", "why": why})
-        types.append(qtype)
-        nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(s.shape, qtype)))
-        w.add_tensor_info(s.gguf_name, s.shape, np.float32, nbytes, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
     largest = 0
-    try:
-        for s, qtype in zip(plan, types):
-            dtype = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
-            data = s.transform([load_tensor(n, shapes[n][1], dtype) for n in s.hf_names])
-            largest = max(largest, data.nbytes)
-            w.write_tensor_data(gguf.quants.quantize(data, qtype))
-            if progress:
-                progress(s.gguf_name)
-        w.close()
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            add_model_metadata(w, config, arch, model_dir.name)
+            tok_info = add_tokenizer_metadata(w, model_dir)
+            w.add_string("fabrika.version", __version__)
+            w.add_string("fabrika.source", model_dir.name)
+            if lineage:
+                w.add_string("fabrika.lineage", json.dumps(portable(lineage), sort_keys=True))
+            w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[outtype])
+
+            for s in plan:
+                qtype, why = tensor_type(s, outtype)
+                if why:
+                    fallbacks.append({"tensor": s.gguf_name, "to": "f16", "why": why})
+                types.append(qtype)
+                nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(s.shape, qtype)))
+                w.add_tensor_info(s.gguf_name, s.shape, np.float32, nbytes, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for s, qtype in zip(plan, types):
+                dtype = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
+                data = s.transform([load_tensor(n, shapes[n][1], dtype) for n in s.hf_names])
+                largest = max(largest, data.nbytes)
+                w.write_tensor_data(gguf.quants.quantize(data, qtype))
+                if progress:
+                    progress(s.gguf_name)
+        finally:
+            w.close()
     return {"file": str(out), "type": outtype, "bytes": out.stat().st_size, "tensors": len(plan),
             "fallbacks": fallbacks, "largest_tensor_bytes": largest, "architecture": arch, **tok_info}

@@ -20,11 +20,12 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from fabrika.artifacts import Artifact, RunContext, atomic_write_json, atomic_write_text, read_manifest
+from fabrika.artifacts import Artifact, RunContext, atomic_write_json, atomic_write_text, read_manifest, replacing
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.export import gguf as writer
 from fabrika.export import verify as verifier
+from fabrika.models.checks import check_model_dir
 
 
 class VerifyParams(Config):
@@ -39,7 +40,8 @@ class ExportConfig(Config):
     base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32 (kept only if "
                            "quant lists it).")
     imatrix: str | None = Field(None, description="Calibration text for an importance matrix, or builtin.")
-    name: str = Field("model", description="File name stem: <name>-<type>.gguf.")
+    name: str = Field("model", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+                      description="File name stem: <name>-<type>.gguf (a plain name: no folders).")
     verify: VerifyParams = Field(default_factory=VerifyParams, description="Verification settings.")
 
     @field_validator("quant", mode="before")
@@ -87,12 +89,10 @@ def quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, Any] | None = 
     if imatrix:
         data = CArray(imatrix)  # referenced until the call returns
         params.imatrix = data.pointer()
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise FabrikaError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
-    tmp.replace(dst)
+    with replacing(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise FabrikaError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -110,6 +110,7 @@ def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, 
     """An HF model directory to convert (an adapter is merged first) and its lineage."""
     ref = ctx.resolve_model(ctx.resolve(cfg.model))
     ref = ref[3:] if ref.startswith("hf:") else ref
+    check_model_dir(ref, "export.model")
     path = Path(ref)
     lineage: dict[str, Any] = {"source": ref}
     art = ctx.input_artifact(cfg.model)

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.models.checks import check_model_dir, check_tokenizer_dir
 
 Messages = list[dict[str, str]]
 
@@ -88,6 +89,8 @@ class HFGenerator:
     """transformers generation, batched with left padding; stops at the template's end of turn."""
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "auto", max_batch: int = 16) -> None:
+        check_model_dir(path, f"hf:{path}")
+        check_tokenizer_dir(path, f"hf:{path}")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,7 +111,7 @@ class HFGenerator:
                 model = PeftModel.from_pretrained(model, path)
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise FabrikaError(f"hf:{path}: cannot load the model ({e})") from None
         self.model = model.to(self.device).eval()
         if self.tok.pad_token is None:
@@ -252,7 +255,11 @@ class GGUFGenerator:
         if not Path(path).is_file():
             raise FabrikaError(f"gguf:{path}: no such file")
         self.name = Path(path).stem
-        self.llm = load_llama(path, n_ctx=n_ctx, logits_all=False)
+        try:
+            self.llm = load_llama(path, n_ctx=n_ctx, logits_all=False)
+        except ValueError as e:  # llama.cpp says only "Failed to load model from file"
+            raise FabrikaError(f"gguf:{path}: llama.cpp cannot load this file ({e}); expected a GGUF model, e.g. "
+                               "one written by `fabrika export`") from None
         self.context = n_ctx
         self.longest_token_bytes = max(len(self.llm.detokenize([i])) for i in range(self.llm.n_vocab()))
         self.lock = threading.Lock()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fabrika.artifacts import atomic_write_json, atomic_write_text
+from fabrika.data.formats import RowError, check_conversation, to_messages
 from fabrika.errors import FabrikaError
 from fabrika.infer.backends import GenerationParams, load_generator
 
@@ -84,21 +85,32 @@ def interactive(model: str, params: GenerationParams, system: str | None = None,
 
 
 def read_prompts(path: str) -> list[list[dict[str, str]]]:
+    """Prompts from a .txt file (one a line) or a .jsonl file of `prompt` or `messages` rows; a bad line
+    is named with its number before any model is loaded."""
     p = Path(path)
     if not p.is_file():
         raise FabrikaError(f"--prompts: {path} not found")
     convs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FabrikaError(f"--prompts: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
-            row = json.loads(line)
-            if "messages" in row:
-                convs.append(row["messages"])
-            elif "prompt" in row:
-                convs.append([{"role": "user", "content": row["prompt"]}])
-            else:
-                raise FabrikaError(f"{path}:{n}: expected a `prompt` or `messages` field")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FabrikaError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
+                raise FabrikaError(f"{path}:{n}: expected an object with a `prompt` or `messages` field")
+            try:
+                conv = to_messages(row, "messages" if "messages" in row else "prompt")
+                check_conversation(conv, need_answer=False)
+            except RowError as e:
+                raise FabrikaError(f"{path}:{n}: {e}") from None
+            convs.append(conv)
         else:
             convs.append([{"role": "user", "content": line}])
     if not convs:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fabrika.errors import FabrikaError
+from fabrika.models.checks import check_model_dir
 from fabrika.models.presets import layer_linears
 
 # Dense bf16 peak TFLOP/s (vendor spec sheets, without sparsity), memory GB, typical rental $/GPU-hour.
@@ -83,8 +84,8 @@ def _config(arch: str, size: str, model: str | None):
         from transformers import AutoConfig
 
         path = Path(model)
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise FabrikaError(f"--model: {model} has no config.json (a Hugging Face model directory has one)")
+        if not path.is_file():
+            check_model_dir(model, "--model")
         try:
             if path.is_file():
                 from transformers import CONFIG_MAPPING

@@ -99,24 +99,25 @@ def estimate(cfg: PreferConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
-    import datasets
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, set_seed
-
     precision = setup.check_device(cfg.train)
-    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
     base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "prefer.model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except OSError as e:
-        raise FabrikaError(f"prefer.model: cannot load {base!r}: {e}") from None
-    eot, _ = apply_template(tokenizer, None, cfg.template, need_generation_marker=False)
     ref = ctx.resolve(cfg.data)
     pairs, bad = load_pairs(ref, cfg.split)
     if bad:
         print(f"{ref}: skipped {len(bad)} malformed pairs (first: row {bad[0][0]}: {bad[0][1]})")
     if not pairs:
         raise FabrikaError(f"prefer.data: {ref} has no usable preference pair")
+
+    import datasets  # after the checks: a wrong setting or a bad row is reported without waiting for these
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, set_seed
+
+    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except OSError as e:
+        raise FabrikaError(f"prefer.model: cannot load {base!r}: {e}") from None
+    eot, _ = apply_template(tokenizer, None, cfg.template, need_generation_marker=False)
 
     model = load_base(base, cfg, precision)  # cfg.method is full or lora here: no quantization
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -26,6 +26,7 @@ from fabrika.config import Config
 from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
+from fabrika.models.checks import check_model_dir, check_tokenizer_dir
 from fabrika.models.templates import get_template
 from fabrika.train import lm_head, setup
 
@@ -98,9 +99,10 @@ def adapter_base(ref: str) -> str | None:
 
 def check_model(ref: str, setting: str) -> str:
     """A model directory or Hub id; an adapter directory must name a base model that can be found."""
-    if not (Path(ref).exists() or ref.count("/") == 1):
-        raise FabrikaError(f"{setting}: {ref!r} is neither a model directory nor a Hub id")
+    check_model_dir(ref, setting)
     base = adapter_base(ref)
+    if base is None:
+        check_tokenizer_dir(ref, setting)
     if base is not None and not (base and (Path(base).exists() or base.count("/") == 1)):
         raise FabrikaError(f"{setting}: the adapter {ref} names base model {base!r}, which is not there")
     return ref
@@ -120,7 +122,7 @@ def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list
             print(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
         if not good:
             raise FabrikaError(f"sft.data: {ref} has no usable conversation ({len(bad)} rows malformed; first: "
-                               f"{bad[0][1] if bad else 'the dataset is empty'})")
+                               f"{f'row {bad[0][0]}: {bad[0][1]}' if bad else 'the dataset is empty'})")
         whole, frac = int(src.weight), src.weight - int(src.weight)
         picked = good * whole + rng.sample(good, round(len(good) * frac))
         stats["sources"][src.path] = {"rows": len(good), "malformed": len(bad), "used": len(picked)}
@@ -314,22 +316,23 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
-    import datasets
+    precision = setup.check_device(cfg.train)
+    _check_method(cfg)
+    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
+    convs, data_stats = load_conversations(cfg, ctx, ctx.seed)
+
+    import datasets  # after the checks: a wrong setting or a bad row is reported without waiting for these
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig as TRLConfig, SFTTrainer
 
-    precision = setup.check_device(cfg.train)
     set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
-    _check_method(cfg)
-    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except OSError as e:
         raise FabrikaError(f"sft.model: cannot load the tokenizer of {base!r}: {e}") from None
     before = len(tokenizer)
     eot, added = apply_template(tokenizer, None, cfg.template, cfg.assistant_only_loss)
-    convs, data_stats = load_conversations(cfg, ctx, ctx.seed)
     convs, length_stats = split_by_length(convs, tokenizer, cfg.max_length, cfg.overlong)
 
     model = load_base(base, cfg, precision)
