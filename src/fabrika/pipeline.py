@@ -44,12 +44,13 @@ STAGES: dict[str, str] = {
     "pretrain": "fabrika.train.pretrain",
     "sft": "fabrika.train.sft",
     "prefer": "fabrika.train.prefer",
+    "rl": "fabrika.train.rl",
     "export": "fabrika.export.stage",
     "evaluate": "fabrika.evaluate.stage",
 }
 
 # Kinds that every process of a multi-process launch runs together; rank 0 runs the others alone.
-DISTRIBUTED = {"pretrain", "sft", "prefer"}
+DISTRIBUTED = {"pretrain", "sft", "prefer", "rl"}
 
 PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
 FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
