@@ -41,7 +41,7 @@ class JudgeReward(RewardParams):
         "(skip) or score it 0.")
     max_tokens: int = Field(1024, ge=16, description="Longest judgment.")
     client: dict[str, Any] = Field(default_factory=dict, description="Client settings (concurrency, rate limits, "
-                                   "budget_usd, ...).")
+                                   "retries, timeout_s, ...).")
 
     def columns(self) -> list[str]:
         return [self.reference] if self.reference else []

@@ -191,9 +191,43 @@ def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
     completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * setup.world_size()
     out: dict[str, Any] = {"method": cfg.method, "rewards": "+".join(cfg.rewards.enabled()), "steps": p.max_steps,
                            "completions": completions, "generated_tokens_max": completions * r.max_completion_length}
-    if cfg.rewards.judge:
+    if cfg.rewards.judge:  # every completion distinct: an upper bound; the cache absorbs repeats
+        from fabrika.infer.client import DEFAULT_PRICES
+
         out["judge_calls_max"] = completions
+        model = ctx.resolve_model(cfg.rewards.judge.model).removeprefix("openai:").split("@")[0]
+        p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
+        if p_in:  # ~350 tokens of grading prompt and question around the answer, ~250 of judgment
+            out["est_judge_usd_max"] = round(completions * ((350 + r.max_completion_length) * p_in + 250 * p_out) / 1e6, 2)
     return out
+
+
+def _trainer_class():
+    """GRPOTrainer whose prompt sampler is seeded per epoch. TRL's sampler draws each epoch's order
+    from one generator that lives as long as the process, so a run resumed in a later epoch would see
+    the first epoch's order again and train on other prompts than an uninterrupted run."""
+    import torch
+    from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededRepeatSampler(RepeatSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            if self.shuffle:
+                self.generator = torch.Generator().manual_seed((self.seed or 0) + self.epoch)
+            return super().__iter__()
+
+    class Trainer(GRPOTrainer):
+        def _get_train_sampler(self, dataset=None):
+            sampler = super()._get_train_sampler(dataset)
+            sampler.__class__ = EpochSeededRepeatSampler
+            return sampler
+
+    return Trainer
 
 
 def _eos_ids(tokenizer, eot: str) -> list[int]:
@@ -209,7 +243,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     import datasets
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     precision = setup.check_device(cfg.train)
     set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
@@ -253,9 +287,9 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
         num_generations=r.num_generations, max_completion_length=r.max_completion_length, temperature=r.temperature,
         top_p=r.top_p, beta=cfg.beta, reward_weights=[rw.weight for rw in enabled.values()], **vllm)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * r.max_completion_length
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=tokenizer,
-                          callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
+    trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
+                               train_dataset=datasets.Dataset.from_list(rows),
+                               callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     if judge is not None:
