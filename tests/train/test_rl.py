@@ -265,8 +265,32 @@ def test_judge_run_killed_and_resumed_grades_nothing_twice(tmp_path, chat_model)
 
 
 def test_a_judge_that_never_rates_stops_the_run(tmp_path, chat_model):
-    with logging_judge(tmp_path / "judge.log", reply=lambda answer: "This answer is fine.", delay_s=0) as url:
-        config = _judge_config(tmp_path, chat_model, url, steps=2)
-        r = run_cli("rl", "--config", str(config), "--out", str(tmp_path / "run"), "-q")
+    """A local judge (served on loopback for the stage) too small to follow the grading format."""
+    cfg = _tiny_rl(tmp_path, chat_model, prompts_file(tmp_path),
+                   rewards={"judge": {"model": f"hf:{chat_model}", "max_tokens": 16}}, train={"max_steps": 2})
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    r = run_cli("rl", "--config", str(path), "--out", str(tmp_path / "run"), "-q")
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "rated none of the" in r.stderr and "[[rating]]" in r.stderr and "Traceback" not in r.stderr
+    assert "rated none of the 8 answers of step 0" in r.stderr and "[[rating]]" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_lora_rl_keeps_the_chat_contract(tmp_path, chat_model):
+    """LoRA with a format and a verifiable reward: adapter and merged model saved, generation still
+    stopping at the end-of-turn token the model was given."""
+    cfg = rl.CONFIG(**_tiny_rl(tmp_path, chat_model, prompts_file(tmp_path), method="lora",
+                               rewards={"format": {"stopped": True, "ends_with": "."},
+                                        "verifiable": {"mode": "numeric", "weight": 2}},
+                               train={"max_steps": 2, "lr": 1e-3}))
+    art = rl.run(cfg, RunContext(stage="rl", kind="rl", stage_dir=tmp_path / "out", quiet=True))
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_config.json").exists() and art.path == out / "model"
+    gen = json.loads((art.path / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(art.path).convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    rows = list(read_jsonl(out / "metrics.jsonl"))
+    assert {"rewards/format/mean", "rewards/verifiable/mean"} <= set(rows[0])
+    extra = read_manifest(out)["artifact"]["extra"]
+    assert extra["rewards"] == {"verifiable": 2.0, "format": 1.0} and extra["eot"] == "<|im_end|>"

@@ -230,6 +230,22 @@ def _trainer_class():
     return Trainer
 
 
+def model_end_of_turn(base: str, tokenizer, eot: str) -> str:
+    """With the model's own template, the end-of-turn token is the one its generation config stops at
+    besides eos (what sft saved there, e.g. <|im_end|>), not the tokenizer's eos: completions must end
+    where the model's chat answers end, and the saved model must keep stopping there."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(base).eos_token_id
+    except OSError:
+        return eot
+    for i in [ids] if isinstance(ids, int) else (ids or []):
+        if i != tokenizer.eos_token_id and i < len(tokenizer):
+            return tokenizer.convert_ids_to_tokens(i)
+    return eot
+
+
 def _eos_ids(tokenizer, eot: str) -> list[int]:
     ids = []
     for tok in (eot, tokenizer.eos_token):
@@ -255,6 +271,8 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     except OSError as e:
         raise FabrikaError(f"rl.model: cannot load the tokenizer of {base!r}: {e}") from None
     eot, _ = apply_template(tokenizer, None, cfg.template, need_generation_marker=False)
+    if cfg.template == "tokenizer":
+        eot = model_end_of_turn(base, tokenizer, eot)
     enabled = cfg.rewards.enabled()
     need_language = "language" in enabled or "judge" in enabled
     source = ctx.resolve(cfg.data)
