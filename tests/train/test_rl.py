@@ -62,6 +62,21 @@ def test_verifiable_modes():
         R.VerifiableReward(mode="regex", pattern="(unclosed")
 
 
+def test_json_schema_checked_when_jsonschema_is_installed():
+    schema = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+    try:
+        import jsonschema  # noqa: F401
+    except ImportError:  # an optional dependency: asking for a schema without it is a config error
+        with pytest.raises(ValueError, match="pip install jsonschema"):
+            R.VerifiableReward(mode="json", reference=None, schema=schema)
+        return
+    cfg = R.VerifiableReward(mode="json", reference=None, schema=schema)
+    assert R.verifiable_score(cfg, '{"name": "Ада"}', {}) == 1.0
+    assert R.verifiable_score(cfg, '{"name": 3}', {}) == 0.0
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        R.VerifiableReward(mode="json", reference=None, schema={"type": "no-such-type"})
+
+
 def test_length_format_and_language():
     length = R.LengthReward(min_chars=4, max_chars=10)
     assert R.length_score(length, "x" * 7) == 0.0
@@ -112,13 +127,17 @@ def test_bad_input_exits_2_with_one_message(tmp_path, chat_model):
         (["--reward", "language=heavy"], "--reward 'language=heavy': the weight 'heavy' is not a number"),
         (["--config", str(cfg)], "rewards.language.weight: Input should be a valid number"),
         (["--reward", "verifiable", "--set", "rewards.verifiable.reference=solution"],
-         "rl.rewards.verifiable.reference: the prompts in"),
+         "rl.rewards.verifiable.reference: the prompts in", "no column 'solution'"),
         (["--set", "rewards={}"], "no reward configured"),
+        (["--reward", "language", "--set", "rollouts.backend=vllm"], "rl.rollouts.backend: vllm generation in training "
+         "needs a CUDA GPU"),
+        (["--reward", "language", "--method", "qlora"], "rl.method: qlora needs a CUDA GPU"),
+        (["--reward", "language", "--set", "rollouts.num_generations=3"], "must be a multiple of rollouts.num_generations"),
     ]
-    for args, message in cases:
+    for args, *messages in cases:
         r = run_cli(*base, *args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
-    assert "no column 'solution'" in run_cli(*base, *cases[3][0]).stderr
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert all(m in r.stderr for m in messages), (args, r.stderr[-2000:])
 
 
 # --- learning ----------------------------------------------------------------------------------
