@@ -31,6 +31,7 @@ PROMPTS = [  # shaped like users' data: mixed languages, typographic quotes, a d
     {"prompt": "Who speaks first in the play?", "language": "en", "answer": "1,200"},
     {"prompt": "Who speaks first in the play?", "language": "en", "answer": "1,200"},
     {"prompt": "", "language": "en", "answer": "0"},
+    {"prompt": "Почему небо голубое?", "language": "Klingon", "answer": "5"},
 ]
 
 
@@ -103,8 +104,9 @@ def test_trl_reward_function_reads_rows_and_stopping():
 def test_prompts_from_files_and_collect_output(tmp_path):
     cfg = rl.CONFIG(model="m", data="d", rewards={"verifiable": {}, "language": {}})
     rows, stats = rl.load_prompts(cfg, str(prompts_file(tmp_path)), need_language=True)
-    assert stats == {"prompts": 5, "malformed": 1, "languages": ["en", "ru", "zh"]}
+    assert stats == {"prompts": 6, "malformed": 1, "languages": ["en", "ru", "zh"]}
     assert rows[1]["language"] == "ru" and rows[3]["answer"] == "1,200"  # an English name becomes its code
+    assert rows[5]["language"] == "ru"  # a language lingua does not know: detected from the prompt
     assert rows[0]["prompt"] == [{"role": "user", "content": PROMPTS[0]["prompt"]}]
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Сколько будет два плюс два?"},
@@ -164,7 +166,7 @@ def test_tiny_model_learns_a_rule_reward_over_seeds(tmp_path, chat_model):
         cfg = rl.CONFIG(**_tiny_rl(tmp_path, chat_model, data))
         art = rl.run(cfg, RunContext(stage="rl", kind="rl", stage_dir=out, seed=seed, quiet=True))
         m = art.metrics
-        assert m["steps"] == 30 and m["prompts"] == 5
+        assert m["steps"] == 30 and m["prompts"] == 6
         assert m["reward_length_last"] > m["reward_length_first"] + 0.3, (seed, m)
         rows = list(read_jsonl(out / "metrics.jsonl"))
         logged = rows[0]
@@ -176,17 +178,18 @@ def test_tiny_model_learns_a_rule_reward_over_seeds(tmp_path, chat_model):
 
 
 def test_killed_rl_resumes_exactly(tmp_path, chat_model):
-    """kill -9 after step 4 of 5 with a checkpoint at step 3, in the middle of the second pass over the
-    prompts: the resumed run logs the same rewards and losses, step by step, as an uninterrupted one."""
+    """kill -9 after step 4 of 5 with the last checkpoint at step 2, in the middle of the first pass over
+    the prompts (3 steps each): the resumed run skips into that pass, starts the second with the same
+    order, and logs the same rewards and losses, step by step, as an uninterrupted run."""
     path = tmp_path / "rl.yaml"
     path.write_text(yaml.safe_dump(_tiny_rl(tmp_path, chat_model, prompts_file(tmp_path),
-                                            train={"max_steps": 5, "save_steps": 3}), allow_unicode=True))
+                                            train={"max_steps": 5, "save_steps": 2}), allow_unicode=True))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli("rl", "--config", str(path), "--out", str(straight), "-q").returncode == 0
     r = run_cli("rl", "--config", str(path), "--out", str(resumed), "-q", env={"FABRIKA_FAULT_KILL_AT_STEP": "4"})
     assert r.returncode == -9, r.stderr[-3000:]
     r = run_cli("rl", "--config", str(path), "--out", str(resumed), "-q")
-    assert r.returncode == 0 and "(step 3)" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "(step 2)" in r.stdout, r.stderr[-3000:]
 
     def curve(out: Path) -> list:
         return [(x["step"], x["rewards/length/mean"], x["loss"]) for x in read_jsonl(out / "metrics.jsonl") if "loss" in x]

@@ -141,7 +141,7 @@ def load_prompts(cfg: RLConfig, ref: str, need_language: bool) -> tuple[list[dic
         out: dict[str, Any] = {"prompt": msgs, **{c: None if row[c] is None else str(row[c]) for c in keep}}
         if need_language:
             given = row.get(cfg.language_field)
-            out["language"] = _language(given) if given else F.detect(msgs[-1]["content"], codes)
+            out["language"] = (_language(given) if given else None) or F.detect(msgs[-1]["content"], codes)
         rows.append(out)
     if bad:
         print(f"{ref}: skipped {len(bad)} malformed rows (first: row {bad[0][0]}: {bad[0][1]})")
@@ -153,8 +153,11 @@ def load_prompts(cfg: RLConfig, ref: str, need_language: bool) -> tuple[list[dic
 
 
 def _language(value: Any) -> str | None:
+    """A language column's value as an ISO code lingua knows; None (then detected) for anything else."""
     try:
-        return F.language_code(str(value))
+        code = F.language_code(str(value))
+        F.check_languages([code])
+        return code
     except FabrikaError:
         return None
 
