@@ -403,8 +403,8 @@ def _format_estimate(est: dict[str, Any], sep: str = ", ") -> str:
     return sep.join(parts)
 
 
-KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "mfu", "kept", "cost_usd", "mt_bench", "ppl",
-               "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
+KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "reward_last", "tokens_per_s", "mfu", "kept", "cost_usd",
+               "mt_bench", "ppl", "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
 
 
 def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:

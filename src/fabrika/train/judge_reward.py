@@ -69,7 +69,7 @@ class Judge:
         if kind == "openai":
             self.model, _, url = target.partition("@")
             if url:
-                self.client = {"base_url": url, **self.client}
+                self.client = {**self.client, "base_url": url}
         else:  # served once for the stage; its name keys the cache
             server = self.stack.enter_context(serve_in_background(self.ref, name=target))
             self.model = target
