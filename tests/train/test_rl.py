@@ -161,13 +161,13 @@ def test_tiny_model_learns_a_rule_reward_over_seeds(tmp_path, chat_model):
     from fabrika import report
 
     data = prompts_file(tmp_path)
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         out = tmp_path / f"seed{seed}"
-        cfg = rl.CONFIG(**_tiny_rl(tmp_path, chat_model, data))
+        cfg = rl.CONFIG(**_tiny_rl(tmp_path, chat_model, data, train={"lr": 3e-2}))
         art = rl.run(cfg, RunContext(stage="rl", kind="rl", stage_dir=out, seed=seed, quiet=True))
         m = art.metrics
         assert m["steps"] == 30 and m["prompts"] == 6
-        assert m["reward_length_last"] > m["reward_length_first"] + 0.3, (seed, m)
+        assert m["reward_length_last"] > m["reward_length_first"] + 0.5, (seed, m)  # measured: -0.94 → -0.08
         rows = list(read_jsonl(out / "metrics.jsonl"))
         logged = rows[0]
         for key in ("rewards/length/mean", "rewards/length/std", "kl", "completions/mean_length", "reward"):

@@ -12,6 +12,7 @@ trained there.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,10 +314,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
                                callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
-    if judge is not None:
-        with judge:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    else:
+    with judge or nullcontext():  # a local judge is served, and the judge's journal open, while training runs
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, **data_stats,
