@@ -286,6 +286,29 @@ def test_judge_run_killed_and_resumed_grades_nothing_twice(tmp_path, chat_model)
     assert journal and all(1 <= j["rating"] <= 10 for j in journal)
 
 
+@pytest.mark.parametrize("on_failure,unrated", [("skip", None), ("zero", 0.0)])
+def test_judge_counts_unrated_answers_and_asks_once_per_distinct_answer(tmp_path, on_failure, unrated):
+    from fabrika.train.judge_reward import Judge, JudgeReward
+
+    log = tmp_path / "judge.log"
+    reply = lambda answer: "Rating: [[8]]" if answer.startswith("good") else "I cannot say."  # noqa: E731
+    with logging_judge(log, reply=reply, delay_s=0) as url:
+        cfg = JudgeReward(model=f"openai:judge@{url}", on_failure=on_failure)
+        logged: dict[str, float] = {}
+        prompts = [[{"role": "user", "content": "Что такое «любовь»?"}]] * 3
+        answers = [[{"role": "assistant", "content": t}] for t in ("good answer", "good answer", "meh")]
+        with Judge(cfg, cfg.model, tmp_path) as judge:
+            scores = judge(prompts, answers, language=["ru"] * 3, log_metric=logged.__setitem__)
+            for lang, multilingual in (("ru", True), ("en", False), (None, False)):  # FastChat's prompt for English
+                asked = judge.messages("q", "a", {"language": lang})[-1]["content"]
+                assert ("responded in the correct language" in asked) is multilingual
+    assert scores == [0.8, 0.8, unrated]
+    assert logged == {"judge/requests": 2.0, "judge/cached": 0.0, "judge/unrated": 1.0, "judge/failed": 0.0}
+    assert len(_requests(log)) == 2  # the repeated answer was graded once
+    journal = list(read_jsonl(tmp_path / "judge.jsonl"))
+    assert sorted(j["rating"] is None for j in journal) == [False, True]
+
+
 def test_a_judge_that_never_rates_stops_the_run(tmp_path, chat_model):
     """A local judge (served on loopback for the stage) too small to follow the grading format."""
     cfg = _tiny_rl(tmp_path, chat_model, prompts_file(tmp_path),
