@@ -196,7 +196,7 @@ def prefer(
 @app.command()
 def rl(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (base, sft or prefer output)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prompts: file, dataset dir, collect output, Hub id."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prompts: a file, dataset dir, collect output."),
     reward: Optional[list[str]] = typer.Option(None, "--reward", help="Rewards and weights: judge=1,language=0.5 "
                                                "(judge, verifiable, language, length, format; repeatable)."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge of the judge reward: openai:gpt-4o, openai:M@URL, "

@@ -167,7 +167,8 @@ def training_plot(metrics: list[dict[str, Any]], title: str) -> str | None:
     if any("rewards/margins" in r for r in train):
         panels.append(("rewards/margins", "reward margin"))
     if any("reward" in r for r in train):  # GRPO: the weighted reward with its components, KL, answer length
-        panels += [("reward", "reward"), ("kl", "KL to the reference"), ("completions/mean_length", "completion tokens")]
+        panels += [("reward", "reward"), ("kl", "KL to the reference"),
+                   ("completions/mean_length", "completion tokens")]
     components = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0))
     for ax, (key, label) in zip(axes, panels):

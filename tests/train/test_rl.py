@@ -134,7 +134,8 @@ def test_bad_input_exits_2_with_one_message(tmp_path, chat_model):
         (["--reward", "language", "--set", "rollouts.backend=vllm"], "rl.rollouts.backend: vllm generation in training "
          "needs a CUDA GPU"),
         (["--reward", "language", "--method", "qlora"], "rl.method: qlora needs a CUDA GPU"),
-        (["--reward", "language", "--set", "rollouts.num_generations=3"], "must be a multiple of rollouts.num_generations"),
+        (["--reward", "language", "--set", "rollouts.num_generations=3"],
+         "must be a multiple of rollouts.num_generations"),
     ]
     for args, *messages in cases:
         r = run_cli(*base, *args)
@@ -192,7 +193,8 @@ def test_killed_rl_resumes_exactly(tmp_path, chat_model):
     assert r.returncode == 0 and "(step 2)" in r.stdout, r.stderr[-3000:]
 
     def curve(out: Path) -> list:
-        return [(x["step"], x["rewards/length/mean"], x["loss"]) for x in read_jsonl(out / "metrics.jsonl") if "loss" in x]
+        rows = read_jsonl(out / "metrics.jsonl")
+        return [(x["step"], x["rewards/length/mean"], x["loss"]) for x in rows if "loss" in x]
 
     a, b = curve(straight), curve(resumed)
     assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, 6))

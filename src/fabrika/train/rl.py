@@ -202,7 +202,8 @@ def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
         model = ctx.resolve_model(cfg.rewards.judge.model).removeprefix("openai:").split("@")[0]
         p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
         if p_in:  # ~350 tokens of grading prompt and question around the answer, ~250 of judgment
-            out["est_judge_usd_max"] = round(completions * ((350 + r.max_completion_length) * p_in + 250 * p_out) / 1e6, 2)
+            per_call = (350 + r.max_completion_length) * p_in + 250 * p_out
+            out["est_judge_usd_max"] = round(completions * per_call / 1e6, 2)
     return out
 
 
