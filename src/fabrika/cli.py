@@ -228,6 +228,35 @@ def prefer(
 
 
 @app.command()
+def rl(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (base, sft or prefer output)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prompts: a file, dataset dir, collect output."),
+    reward: Optional[list[str]] = typer.Option(None, "--reward", help="Rewards and weights: judge=1,language=0.5 "
+                                               "(judge, verifiable, language, length, format; repeatable)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge of the judge reward: openai:gpt-4o, openai:M@URL, "
+                                        "hf:DIR."),
+    method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Reinforcement learning (GRPO) from named, weighted rewards; resumes from the last checkpoint."""
+    rewards: dict[str, dict[str, Any]] = {}
+    for item in (part.strip() for value in reward or [] for part in value.split(",") if part.strip()):
+        name, sep, weight = item.partition("=")
+        try:
+            rewards[name.strip()] = {"weight": float(weight)} if sep else {}
+        except ValueError:
+            raise FabrikaError(f"--reward {item!r}: the weight {weight!r} is not a number; expected NAME or "
+                               "NAME=WEIGHT, e.g. --reward judge=1,language=0.5") from None
+    if judge:
+        rewards.setdefault("judge", {})["model"] = judge
+    run_stage_command("rl", config, {"model": model, "data": data, "method": method, "rewards": rewards or None,
+                                     "train": {"max_steps": max_steps} if max_steps else None},
+                      set_, out, quiet, seed=seed or 0)
+
+
+@app.command()
 def export(
     model: Optional[str] = typer.Argument(None, help="Model or adapter directory, a stage output, or Hub id."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Comma-separated types, e.g. q4_k_m,q8_0,f16."),

@@ -45,12 +45,13 @@ STAGES: dict[str, str] = {
     "pretrain": "fabrika.train.pretrain",
     "sft": "fabrika.train.sft",
     "prefer": "fabrika.train.prefer",
+    "rl": "fabrika.train.rl",
     "export": "fabrika.export.stage",
     "evaluate": "fabrika.evaluate.stage",
 }
 
 # Kinds that every process of a multi-process launch runs together; rank 0 runs the others alone.
-DISTRIBUTED = {"pretrain", "sft", "prefer"}
+DISTRIBUTED = {"pretrain", "sft", "prefer", "rl"}
 
 PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
 FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
@@ -448,8 +449,8 @@ def _format_estimate(est: dict[str, Any], sep: str = ", ") -> str:
     return sep.join(parts)
 
 
-KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "mfu", "kept", "cost_usd", "mt_bench", "ppl",
-               "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
+KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "reward_last", "tokens_per_s", "mfu", "kept", "cost_usd",
+               "mt_bench", "ppl", "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
 
 
 def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:

@@ -166,11 +166,20 @@ def training_plot(metrics: list[dict[str, Any]], title: str) -> str | None:
     panels = [("loss", "loss"), ("learning_rate", "learning rate"), ("tokens_per_s", "tokens/s")]
     if any("rewards/margins" in r for r in train):
         panels.append(("rewards/margins", "reward margin"))
+    if any("reward" in r for r in train):  # GRPO: the weighted reward with its components, KL, answer length
+        panels += [("reward", "reward"), ("kl", "KL to the reference"),
+                   ("completions/mean_length", "completion tokens")]
+    components = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0))
     for ax, (key, label) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), label="train" if key == "loss" else None, color="#1565c0")
+        if key == "reward" and components:
+            for comp in components:
+                ax.plot(*zip(*[(r["step"], r[comp]) for r in train if r.get(comp) is not None]), lw=0.8,
+                        label=comp.split("/")[1])
+            ax.legend(fontsize=7)
         if key == "loss" and evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#e65100", label="eval")
             ax.legend()
@@ -186,14 +195,14 @@ def training_plot(metrics: list[dict[str, Any]], title: str) -> str | None:
 def training_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     parts, md = [], []
     for s in stages:
-        if s["kind"] not in ("pretrain", "sft", "prefer") or not (s["dir"] / "metrics.jsonl").exists():
+        if s["kind"] not in ("pretrain", "sft", "prefer", "rl") or not (s["dir"] / "metrics.jsonl").exists():
             continue
         metrics = list(read_jsonl(s["dir"] / "metrics.jsonl"))
         m = s["manifest"].get("metrics", {})
         cfg = s["manifest"].get("config", {})
         img = training_plot(metrics, f"{s['name']} ({s['kind']})")
-        keys = [k for k in ("train_loss", "eval_loss", "eval_ppl", "tokens_per_s", "mfu", "steps", "train_tokens",
-                            "parameters", "trainable_parameters") if k in m]
+        keys = [k for k in ("train_loss", "eval_loss", "eval_ppl", "reward_first", "reward_last", "kl", "tokens_per_s",
+                            "mfu", "steps", "train_tokens", "parameters", "trainable_parameters") if k in m]
         detail = f"method {cfg.get('method')}" if cfg.get("method") else ""
         parts.append(f"<h3>{html.escape(s['name'])} <span class='muted'>{html.escape(s['kind'])} "
                      f"{html.escape(detail)}</span></h3>"

@@ -169,17 +169,17 @@ def split_by_length(convs: list[list[dict]], tokenizer, max_length: int, overlon
 
 # --- model ------------------------------------------------------------------------------------
 
-def _check_method(cfg: SFTConfig) -> None:
+def _check_method(cfg: SFTConfig, key: str = "sft.method") -> None:
     import torch
 
     if cfg.method == "qlora":
         if not torch.cuda.is_available():
-            raise FabrikaError("sft.method: qlora needs a CUDA GPU (bitsandbytes 4-bit training is not reliable on "
+            raise FabrikaError(f"{key}: qlora needs a CUDA GPU (bitsandbytes 4-bit training is not reliable on "
                                "CPU); use method: lora on this machine")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise FabrikaError("sft.method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+            raise FabrikaError(f"{key}: qlora needs bitsandbytes (pip install bitsandbytes)") from None
 
 
 def load_base(path: str, cfg: SFTConfig, precision: str):
@@ -235,6 +235,25 @@ def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
             ids.append(i)
     GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id,
                      bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
+
+
+def save_model_outputs(trainer, cfg, out: Path, base: str, tokenizer, eot: str) -> Path:
+    """The trained model (full) or adapter, with the tokenizer and the generation contract, and the
+    adapter merged into the base when `cfg.merge`; returns what the next stage should load."""
+    if cfg.method == "full":
+        final = out / MODEL_DIR
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(final)
+        save_generation_contract(final, tokenizer, eot)
+        return final
+    adapter = out / ADAPTER_DIR
+    trainer.model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    save_generation_contract(adapter, tokenizer, eot)
+    if not cfg.merge:
+        return adapter
+    merge_adapter(base, adapter, out / MODEL_DIR, tokenizer, eot)
+    return out / MODEL_DIR
 
 
 def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) -> None:
@@ -383,20 +402,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
 
     atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
-    if cfg.method == "full":
-        final = out / MODEL_DIR
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(final)
-        save_generation_contract(final, tokenizer, eot)
-    else:
-        adapter = out / ADAPTER_DIR
-        trainer.model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        save_generation_contract(adapter, tokenizer, eot)
-        final = adapter
-        if cfg.merge:
-            final = out / MODEL_DIR
-            merge_adapter(base, adapter, final, tokenizer, eot)
+    final = save_model_outputs(trainer, cfg, out, base, tokenizer, eot)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
     return ctx.finish(final, cfg, metrics=metrics, extra={"base": base, "template": cfg.template, "eot": eot})
