@@ -24,10 +24,10 @@ from pydantic import Field
 from fabrika.artifacts import Journal
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
+from fabrika.infer.client import ClientConfig, default_cache_dir
 from fabrika.train.rewards import RewardParams, text_of
 
 JOURNAL = "judge.jsonl"
-CACHE_DIR = "judge_cache"
 
 
 class JudgeReward(RewardParams):
@@ -40,8 +40,8 @@ class JudgeReward(RewardParams):
         "skip", description="A judgment without a rating, or a failed request: leave the answer out of its group "
         "(skip) or score it 0.")
     max_tokens: int = Field(1024, ge=16, description="Longest judgment.")
-    client: dict[str, Any] = Field(default_factory=dict, description="Client settings (concurrency, rate limits, "
-                                   "retries, timeout_s, ...).")
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Client settings (concurrency, rate "
+                                 "limits, retries, timeout_s, cache_dir, ...).")
 
     def columns(self) -> list[str]:
         return [self.reference] if self.reference else []
@@ -55,7 +55,9 @@ class Judge:
     def __init__(self, cfg: JudgeReward, ref: str, stage_dir: Path) -> None:
         self.cfg, self.ref = cfg, ref
         self.journal_path = stage_dir / JOURNAL
-        self.client = {"cache_dir": str(stage_dir / CACHE_DIR), **cfg.client}
+        # the per-user response cache, as collect and MT-Bench use: a rerun with other settings pays nothing twice
+        self.client = {"cache_dir": str(default_cache_dir()), **cfg.client.model_dump(exclude_unset=True)}
+        self.local_model: str | None = None
         self.stats: Counter = Counter()
         self.stack = ExitStack()
         self.model = self.base_url = ""
@@ -72,7 +74,7 @@ class Judge:
                 self.client = {**self.client, "base_url": url}
         else:  # served once for the stage; its name keys the cache
             server = self.stack.enter_context(serve_in_background(self.ref, name=target))
-            self.model = target
+            self.model = self.local_model = target
             self.client = {"concurrency": 8, "timeout_s": 3600.0, **self.client, "base_url": server.url}
         self.journal = self.stack.enter_context(Journal(self.journal_path))
         return self
@@ -93,7 +95,7 @@ class Judge:
     def __call__(self, prompts, completions, completion_ids=None, log_metric=None, trainer_state=None,
                  **columns) -> list[float | None]:
         from fabrika.infer.backends import GenerationParams
-        from fabrika.infer.client import ClientConfig, run_requests
+        from fabrika.infer.client import run_requests
 
         columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(prompts)}
         convs = [self.messages(text_of(p), text_of(c), {k: v[i] for k, v in columns.items()})
@@ -126,7 +128,7 @@ class Judge:
 
         params = GenerationParams(temperature=0.0, max_new_tokens=self.cfg.max_tokens)
         run_requests(ClientConfig(**self.client), self.model, [first[k] for k in unique], params, quiet=True,
-                     on_result=keep)
+                     on_result=keep, local_model=self.local_model)
         self.stats.update(counts)
         self.stats["graded"] += len(unique)
         if unique and all(scores[k] is None for k in unique):
