@@ -4,6 +4,8 @@ A model reference string picks the backend, so collection and evaluation never c
   hf:PATH_OR_HUB_ID      transformers (batched, left padding, the tokenizer's chat template; a LoRA
                          adapter directory loads on its base model)
   gguf:FILE              llama.cpp through llama-cpp-python (chat template from the GGUF metadata)
+  vllm:PATH_OR_HUB_ID    the same model on vLLM's server, started by fabrika (see vllm_engine.py); an hf:
+                         model runs on vLLM too when the engine setting (FABRIKA_ENGINE, `engine:`) says so
   openai:MODEL[@URL]     any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, TGI, Ollama,
                          `fabrika serve`), through fabrika's client with retries, limits and a cache
 A bare directory means hf:, a bare *.gguf path means gguf:.
@@ -258,18 +260,26 @@ BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
 def parse_ref(ref: str) -> tuple[str, str]:
     """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path."""
     kind, sep, target = ref.partition(":")
-    if sep and kind in BACKENDS:
+    if sep and (kind in BACKENDS or kind == "vllm"):
         return kind, target
     if ref.endswith(".gguf"):
         return "gguf", ref
     if Path(ref).is_dir() or ref.count("/") == 1:
         return "hf", ref
-    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
+    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
 
 
-def load_generator(ref: str, **options: Any) -> Generator:
+def load_generator(ref: str, engine: str | None = None, **options: Any) -> Generator:
+    """The generator for `ref`; a local Hugging Face model runs on the `engine` chosen (default: the
+    FABRIKA_ENGINE setting, else auto)."""
     kind, target = parse_ref(ref)
     if kind == "openai":
         model, _, url = target.partition("@")
         return OpenAIGenerator(model, url or None, **options)
+    if kind in ("hf", "vllm"):
+        from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
+
+        if choose_engine(kind, target, engine) == "vllm":
+            return VLLMGenerator(target)
+        kind = "hf"
     return BACKENDS[kind](target, **options)

@@ -239,7 +239,12 @@ def start_server(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key
 def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, name: str | None) -> None:
     import uvicorn
 
-    generator = load_generator(model_ref)
+    from fabrika.infer import vllm_engine  # engine choice: vLLM serves with its own server
+
+    kind, target = parse_ref(model_ref)
+    if kind in ("hf", "vllm") and vllm_engine.choose_engine(kind, target) == "vllm":
+        return vllm_engine.serve_forever(target, host, port, api_key, name)
+    generator = load_generator(model_ref, engine="transformers")
     app = create_app(generator, name or generator.name, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     server = uvicorn.Server(config)
@@ -268,7 +273,11 @@ def ask_model(ref: str, convs: list[list[dict]], params: GenerationParams, clien
         run_requests(ClientConfig(**{**client, **({"base_url": url} if url else {})}), model, convs, params,
                      quiet=quiet, on_result=on_result)
         return
-    with serve_in_background(ref, name=target) as server:  # the cache knows it by its files' content
+    from fabrika.infer.vllm_engine import choose_engine, vllm_server  # engine choice: vLLM or fabrika's server
+
+    on_vllm = kind in ("hf", "vllm") and choose_engine(kind, target) == "vllm"
+    local = vllm_server(target, name=target) if on_vllm else serve_in_background(ref, name=target, engine="transformers")
+    with local as server:  # the cache knows it by its files' content
         options = {"concurrency": 8, "timeout_s": 3600.0, **client, "base_url": server.url}
         run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result,
                      local_model=target)

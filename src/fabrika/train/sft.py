@@ -249,6 +249,25 @@ def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) 
     save_generation_contract(out, tokenizer, eot)
 
 
+def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenizer, eot: str, quiet: bool) -> Path:
+    """The final model or adapter, saved by every rank: under FSDP and ZeRO-3 gathering the weights is
+    a collective, so a rank that returned before it would leave rank 0 waiting for the NCCL timeout at
+    the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
+    work that follows (tokenizer, generation contract, merge) ends at a barrier the ranks leave together."""
+    final = out / (MODEL_DIR if method == "full" else ADAPTER_DIR)
+    trainer.save_model(str(final))
+    if not quiet:
+        print(f"rank {setup.rank()} of {setup.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
+              flush=True)
+    if setup.is_main_process():
+        tokenizer.save_pretrained(final)
+        save_generation_contract(final, tokenizer, eot)
+        if method != "full" and merge:
+            merge_adapter(base, final, out / MODEL_DIR, tokenizer, eot)
+    trainer.accelerator.wait_for_everyone()
+    return out / MODEL_DIR if method != "full" and merge else final
+
+
 # --- the stage --------------------------------------------------------------------------------
 
 TOKENS_PER_EXAMPLE = 800  # a distilled chat example (Tagengo-like: ~200 prompt + ~600 answer tokens)
@@ -376,24 +395,10 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     speeds = [r["tokens_per_s"] for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]
     if speeds:
         metrics["tokens_per_s"] = sum(speeds) / len(speeds)
+    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if not setup.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-
     atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
-    if cfg.method == "full":
-        final = out / MODEL_DIR
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(final)
-        save_generation_contract(final, tokenizer, eot)
-    else:
-        adapter = out / ADAPTER_DIR
-        trainer.model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        save_generation_contract(adapter, tokenizer, eot)
-        final = adapter
-        if cfg.merge:
-            final = out / MODEL_DIR
-            merge_adapter(base, adapter, final, tokenizer, eot)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
     return ctx.finish(final, cfg, metrics=metrics, extra={"base": base, "template": cfg.template, "eot": eot})
