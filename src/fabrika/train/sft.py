@@ -194,6 +194,8 @@ def load_base(path: str, cfg: SFTConfig, precision: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["dtype"] = torch.bfloat16
+        if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
+            kwargs["device_map"] = {"": setup.local_rank()}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -378,7 +380,8 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
         model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          callbacks=setup.make_callbacks(out, tokens_per_step,
-                                                        setup.flops_per_token(model.config, cfg.max_length),
+                                                        setup.flops_per_token(model.config, cfg.max_length,
+                                                                              frozen_weights=cfg.method != "full"),
                                                         setup.peak_flops(cfg.train)))
     compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
                                        trainer.args.device)
