@@ -5,8 +5,7 @@ turns) on the same model with transformers and with vLLM, side by side in one ru
 
 Without --model, a tiny Llama with random weights and a tokenizer trained on the shipped corpus is
 built (what it says does not matter; how fast it is said does). vLLM comes from .venv-vllm (`make
-vllm`); its start-up is timed apart from the answers. New tokens are counted with the model's tokenizer
-on the answers' text, the same way for both engines.
+vllm`); its start-up is timed apart from the answers. New tokens are those each engine reports.
 """
 
 from __future__ import annotations
@@ -25,18 +24,30 @@ from fabrika.evaluate import mtbench as M  # noqa: E402
 from fabrika.infer.backends import load_generator  # noqa: E402
 
 
-def answer_all(ref: str, engine: str, questions: list[dict], out: Path, max_new_tokens: int, tok) -> dict:
+class Counting:
+    """A generator that adds up the new tokens its engine reports (completion tokens)."""
+
+    def __init__(self, gen) -> None:
+        self.gen, self.tokens = gen, 0
+
+    def generate(self, conversations, params):
+        out = self.gen.generate(conversations, params)
+        self.tokens += sum(c.completion_tokens for choices in out for c in choices)
+        return out
+
+
+def answer_all(ref: str, engine: str, questions: list[dict], out: Path, max_new_tokens: int) -> dict:
     t = time.perf_counter()
     gen = load_generator(ref, engine=engine)
     started = time.perf_counter() - t
+    counting = Counting(gen)
     t = time.perf_counter()
-    answers = M.generate_answers(gen, questions, out, engine, max_new_tokens, batch=len(questions))
+    answers = M.generate_answers(counting, questions, out, engine, max_new_tokens, batch=len(questions))
     seconds = time.perf_counter() - t
     if hasattr(gen, "close"):
         gen.close()
-    turns = [x for a in answers for x in a["choices"][0]["turns"]]
-    tokens = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in turns)
-    return {"start": started, "seconds": seconds, "turns": len(turns), "tokens": tokens}
+    turns = sum(len(a["choices"][0]["turns"]) for a in answers)
+    return {"start": started, "seconds": seconds, "turns": turns, "tokens": counting.tokens}
 
 
 def main() -> None:
@@ -48,15 +59,13 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU build reserves 4 otherwise
     from rich.console import Console
     from rich.table import Table
-    from transformers import AutoTokenizer
 
     questions = M.load_questions("mt_bench")[0][: args.questions]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(args.model) if args.model else make_model(work, SHAPES["tiny"], make_tokenizer(work, 1024, 4096))
-        tok = AutoTokenizer.from_pretrained(model)
-        results = {engine: answer_all(f"hf:{model}", engine, questions, work / f"{engine}.jsonl", args.max_new_tokens,
-                                      tok) for engine in ("transformers", "vllm")}
+        results = {engine: answer_all(f"hf:{model}", engine, questions, work / f"{engine}.jsonl", args.max_new_tokens)
+                   for engine in ("transformers", "vllm")}
     base = results["transformers"]["tokens"] / results["transformers"]["seconds"]
     table = Table(title=f"MT-Bench answers: {len(questions)} questions, both turns, up to {args.max_new_tokens} "
                         f"new tokens, {model.name if args.model else 'tiny random Llama'}")

@@ -73,15 +73,19 @@ if a["what"] == "sft":
 elif a["what"] == "answers":
     from fabrika.evaluate import mtbench as M
     from fabrika.infer.backends import load_generator
-    from transformers import AutoTokenizer
     questions = M.load_questions("mt_bench")[0][: a["questions"]]
     gen = load_generator("hf:" + a["model"])
     out["engine"] = "vLLM" if type(gen).__name__ == "VLLMGenerator" else "transformers"
+    class Counting:  # the new tokens the engine reports
+        tokens = 0
+        def generate(self, convs, params):
+            r = gen.generate(convs, params)
+            Counting.tokens += sum(c.completion_tokens for choices in r for c in choices)
+            return r
     t = time.perf_counter()
-    answers = M.generate_answers(gen, questions, __import__("pathlib").Path(a["out"]), "reference", a["tokens"], batch=80)
-    tok = AutoTokenizer.from_pretrained(a["model"])
-    turns = [t_ for x in answers for t_ in x["choices"][0]["turns"]]
-    out.update(turns=len(turns), new_tokens=sum(len(tok(x)["input_ids"]) for x in turns))
+    answers = M.generate_answers(Counting(), questions, __import__("pathlib").Path(a["out"]), "reference", a["tokens"],
+                                 batch=80)
+    out.update(turns=sum(len(x["choices"][0]["turns"]) for x in answers), new_tokens=Counting.tokens)
     if hasattr(gen, "close"):
         gen.close()
 elif a["what"] == "convert":

