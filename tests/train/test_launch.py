@@ -13,6 +13,7 @@ def test_shipped_accelerate_configs_load():
     kinds = {name: load_config_from_file(str(path)) for name, path in CONFIGS.items()}
     assert str(kinds["ddp"].distributed_type).endswith("MULTI_GPU")
     assert kinds["fsdp"].fsdp_config["fsdp_version"] == 2
+    assert kinds["fsdp"].fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # the final save is whole
     assert kinds["deepspeed-zero3-offload"].deepspeed_config["offload_param_device"] == "cpu"
     assert kinds["deepspeed-zero2"].deepspeed_config["zero_stage"] == 2
     with pytest.raises(FabrikaError, match="shipped: "):

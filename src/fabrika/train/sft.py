@@ -190,9 +190,9 @@ def load_base(path: str, cfg: SFTConfig, precision: str):
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # bf16 storage: FSDP can shard the 4-bit weights
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
         kwargs["dtype"] = torch.bfloat16
         if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
             kwargs["device_map"] = {"": setup.local_rank()}
@@ -257,6 +257,8 @@ def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenize
     the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
     work that follows (tokenizer, generation contract, merge) ends at a barrier the ranks leave together."""
     final = out / (MODEL_DIR if method == "full" else ADAPTER_DIR)
+    if trainer.is_fsdp_enabled:  # checkpoints were sharded; the final model must load with from_pretrained
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))
     if not quiet:
         print(f"rank {setup.rank()} of {setup.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
@@ -336,6 +338,7 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
 
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     import datasets
+    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig as TRLConfig, SFTTrainer
@@ -343,6 +346,9 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     precision = setup.check_device(cfg.train)
     set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
     _check_method(cfg)
+    if cfg.method == "qlora" and "gradient_checkpointing" not in cfg.train.model_fields_set:
+        # QLoRA is chosen to fit a small GPU: activations of 8B at 2k tokens would not, without recomputing
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
     base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -359,6 +365,9 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if not new_ids:  # frozen, yet upcast to fp32 above: +2 GB for Llama-3-8B's embeddings and LM head
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                layer.to(torch.bfloat16)
     if cfg.method in ("lora", "qlora"):
         model = get_peft_model(model, lora_config(cfg, model, new_ids))
 
