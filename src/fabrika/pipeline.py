@@ -16,6 +16,7 @@ import difflib
 import glob
 import importlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -23,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from rich.console import Console
@@ -68,6 +69,8 @@ class PipelineConfig(Config):
     seed: int = Field(0, description="Seed handed to every stage.")
     models: dict[str, str] = Field(default_factory=dict, description="Named model references (hf:, gguf:, openai:).")
     stages: dict[str, dict[str, Any]] = Field(description="Stages in run order; `kind` defaults to the key.")
+    engine: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="Engine of local hf: models in every stage (FABRIKA_ENGINE; auto: vLLM on a CUDA GPU).")
 
 
 def check_stage_name(name: Any, source: str) -> str:
@@ -137,6 +140,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     source = str(path)
     data = interpolate(apply_overrides(load_yaml(path), overrides))
     cfg = validate(PipelineConfig, data, source)
+    if cfg.engine:  # read where local models are loaded (infer/vllm_engine.py), launched stages included
+        os.environ["FABRIKA_ENGINE"] = cfg.engine
     if not cfg.stages:
         raise FabrikaError(f"{source}: stages: the pipeline has no stages")
     if cfg.run_dir is None and not RUN_NAME.fullmatch(cfg.name):

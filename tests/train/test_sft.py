@@ -193,9 +193,10 @@ def test_sft_with_two_cpu_processes(tmp_path, plain_base):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port), "-m", "fabrika.cli"]
     out = tmp_path / "ddp"
-    r = run_cli("sft", "--config", str(path), "--out", str(out), "--quiet", launcher=torchrun,
-                env={"OMP_NUM_THREADS": "1"})
+    r = run_cli("sft", "--config", str(path), "--out", str(out), launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
+    # every rank takes part in the final save (a collective under FSDP and ZeRO-3), none returns before it
+    assert "rank 0 of 2: final adapter saved" in r.stdout and "rank 1 of 2: final adapter saved" in r.stdout
     m = read_manifest(out)
     assert m["metrics"]["world_size"] == 2 and (out / "model" / "model.safetensors").exists()
     assert (out / "adapter" / "adapter_config.json").exists() and sorted(_losses(out)) == [1, 2, 3, 4]

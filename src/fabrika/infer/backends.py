@@ -4,6 +4,8 @@ A model reference string picks the backend, so collection and evaluation never c
   hf:PATH_OR_HUB_ID      transformers (batched, left padding, the tokenizer's chat template; a LoRA
                          adapter directory loads on its base model)
   gguf:FILE              llama.cpp through llama-cpp-python (chat template from the GGUF metadata)
+  vllm:PATH_OR_HUB_ID    the same model on vLLM's server, started by fabrika (see vllm_engine.py); an hf:
+                         model runs on vLLM too when the engine setting (FABRIKA_ENGINE, `engine:`) says so
   openai:MODEL[@URL]     any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, TGI, Ollama,
                          `fabrika serve`), through fabrika's client with retries, limits and a cache
 A bare directory means hf:, a bare *.gguf path means gguf:.
@@ -155,7 +157,7 @@ class HFGenerator:
 
     def _kwargs(self, params: GenerationParams) -> dict[str, Any]:
         kw: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
-                                  pad_token_id=self.tok.pad_token_id, num_return_sequences=params.n)
+                                  pad_token_id=self.tok.pad_token_id, num_return_sequences=self._copies(params))
         if params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
@@ -164,13 +166,24 @@ class HFGenerator:
             kw.update(stop_strings=params.stop, tokenizer=self.tok)
         return kw
 
+    @staticmethod
+    def _copies(params: GenerationParams) -> int:
+        """Sequences to sample per prompt: greedy answers are all the same, and transformers refuses
+        several greedy sequences without beam search, so one is generated and repeated n times."""
+        return params.n if params.temperature > 0 else 1
+
     def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
+        """Batches of prompts of similar length (sorted, answered, put back in order): less padding."""
         import torch
 
-        out: list[list[Completion]] = []
-        for start in range(0, len(conversations), self.max_batch):
-            batch = conversations[start:start + self.max_batch]
-            lengths = [self.check_length(c, params) for c in batch]
+        prompt_lengths = [self.check_length(c, params) for c in conversations]
+        order = sorted(range(len(conversations)), key=prompt_lengths.__getitem__)
+        copies = self._copies(params)
+        out: list[list[Completion]] = [[] for _ in conversations]
+        for start in range(0, len(order), self.max_batch):
+            picked = order[start:start + self.max_batch]
+            batch = [conversations[i] for i in picked]
+            lengths = [prompt_lengths[i] for i in picked]
             texts = [self._template(c, tokenize=False) for c in batch]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             with self.lock, torch.no_grad():
@@ -181,13 +194,13 @@ class HFGenerator:
             for i, n in enumerate(lengths):
                 choices = []
                 for j in range(params.n):
-                    ids = new[i * params.n + j].tolist()
+                    ids = new[i * copies + j % copies].tolist()
                     ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
                     used = ids[:ended] if ended is not None else [t for t in ids if t != self.tok.pad_token_id]
                     text, stopped = _cut_at_stop(self.tok.decode(used, skip_special_tokens=True), params.stop)
                     choices.append(Completion(text, "stop" if ended is not None or stopped else "length", n,
                                               len(used) + (1 if ended is not None else 0)))
-                out.append(choices)
+                out[picked[i]] = choices
         return out
 
     def stream(self, conversation: Messages, params: GenerationParams,
@@ -350,18 +363,26 @@ BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
 def parse_ref(ref: str) -> tuple[str, str]:
     """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path."""
     kind, sep, target = ref.partition(":")
-    if sep and kind in BACKENDS:
+    if sep and (kind in BACKENDS or kind == "vllm"):
         return kind, target
     if ref.endswith(".gguf"):
         return "gguf", ref
     if Path(ref).is_dir() or ref.count("/") == 1:
         return "hf", ref
-    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
+    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
 
 
-def load_generator(ref: str, **options: Any) -> Generator:
+def load_generator(ref: str, engine: str | None = None, **options: Any) -> Generator:
+    """The generator for `ref`; a local Hugging Face model runs on the `engine` chosen (default: the
+    FABRIKA_ENGINE setting, else auto)."""
     kind, target = parse_ref(ref)
     if kind == "openai":
         model, _, url = target.partition("@")
         return OpenAIGenerator(model, url or None, **options)
+    if kind in ("hf", "vllm"):
+        from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
+
+        if choose_engine(kind, target, engine) == "vllm":
+            return VLLMGenerator(target)
+        kind = "hf"
     return BACKENDS[kind](target, **options)

@@ -474,8 +474,14 @@ def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, nam
     flight (at most a few seconds) and exit 0."""
     import uvicorn
 
+    from fabrika.infer import vllm_engine  # engine choice: vLLM serves with its own server
+
+    kind, target = parse_ref(model_ref)
+    if kind in ("hf", "vllm") and vllm_engine.choose_engine(kind, target) == "vllm":
+        return vllm_engine.serve_forever(target, host, port, api_key, name)
     sock = bind(host, port)
-    generator, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue})
+    generator, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue},
+                           engine="transformers")
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
 
     def announce() -> None:
@@ -509,7 +515,11 @@ def ask_model(ref: str, convs: list[list[dict]], params: GenerationParams, clien
         run_requests(ClientConfig(**{**client, **({"base_url": url} if url else {})}), model, convs, params,
                      quiet=quiet, on_result=on_result)
         return
-    with serve_in_background(ref, name=target) as server:  # the cache knows it by its files' content
+    from fabrika.infer.vllm_engine import choose_engine, vllm_server  # engine choice: vLLM or fabrika's server
+
+    on_vllm = kind in ("hf", "vllm") and choose_engine(kind, target) == "vllm"
+    local = vllm_server(target, name=target) if on_vllm else serve_in_background(ref, name=target, engine="transformers")
+    with local as server:  # the cache knows it by its files' content
         options = {"concurrency": 8, "timeout_s": 3600.0, **client, "base_url": server.url}
         run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result,
                      local_model=target)

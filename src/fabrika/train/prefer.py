@@ -22,8 +22,8 @@ from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.train import setup
-from fabrika.train.sft import (ADAPTER_DIR, MODEL_DIR, LoraParams, apply_template, check_model, load_base,
-                               lora_config, merge_adapter, model_path, save_generation_contract)
+from fabrika.train.sft import (LoraParams, apply_template, check_model, load_base, lora_config, model_path,
+                               save_final)
 
 
 def _prefer_train_defaults() -> setup.TrainParams:
@@ -151,22 +151,9 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     if eval_ds is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
+    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if not setup.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-
-    if cfg.method == "full":
-        final = out / MODEL_DIR
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(final)
-        save_generation_contract(final, tokenizer, eot)
-    else:
-        final = adapter = out / ADAPTER_DIR
-        trainer.model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        save_generation_contract(adapter, tokenizer, eot)
-        if cfg.merge:
-            final = out / MODEL_DIR
-            merge_adapter(base, adapter, final, tokenizer, eot)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
     return ctx.finish(Path(final), cfg, metrics=metrics, extra={"base": base, "eot": eot, "loss": cfg.loss})

@@ -28,7 +28,7 @@ from fabrika.train import rewards as R
 from fabrika.train import setup
 from fabrika.train.judge_reward import Judge, JudgeReward
 from fabrika.train.sft import (LoraParams, _check_method, apply_template, check_model, load_base, lora_config,
-                               model_path, save_model_outputs)
+                               model_path, save_final)
 
 
 class Rewards(Config):
@@ -322,10 +322,10 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
                **summarise(list(read_jsonl(out / setup.METRICS)), list(enabled))}
     if judge is not None:
         metrics.update({f"judge_{k}": v for k, v in sorted(judge.stats.items())})
+    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if not setup.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
     atomic_write_json(out / "data_stats.json", data_stats)
-    final = save_model_outputs(trainer, cfg, out, base, tokenizer, eot)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
     return ctx.finish(Path(final), cfg, metrics=metrics,

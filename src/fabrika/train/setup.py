@@ -26,7 +26,9 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 # Dense bf16 peak of common accelerators (vendor spec sheets), for MFU. Matched against the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "L4": 121.0}
+# The first key found in the name wins: PCIe and NVL cards before the SXM part of the same name.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "B200": 2250.0,
+               "B100": 1750.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "L4": 121.0}
 
 
 class TrainParams(Config):
@@ -71,6 +73,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -96,6 +106,13 @@ def check_device(params: TrainParams) -> str:
     if sharded and not cuda:  # accelerate would start every process as an independent rank 0
         raise FabrikaError(f"{sharded[0]} needs CUDA GPUs; on CPU launch data parallel instead (torchrun "
                            "--nproc_per_node N -m fabrika.cli ..., or the ddp accelerate config)")
+    gpus = torch.cuda.device_count() if cuda else 0
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:  # transformers would wrap the model in nn.DataParallel
+        raise FabrikaError(f"this machine has {gpus} GPUs and training was started as one process; launch one "
+                           f"process per GPU (accelerate launch --num_processes {gpus} -m fabrika.cli ..., or torchrun "
+                           f"--nproc_per_node {gpus} -m fabrika.cli ...), or train on one: CUDA_VISIBLE_DEVICES=0")
+    if cuda and "LOCAL_RANK" in os.environ:  # each rank on its own GPU before anything is loaded (4-bit weights too)
+        torch.cuda.set_device(local_rank())
     if params.precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return params.precision
@@ -107,14 +124,21 @@ def attention(params: TrainParams, precision: str, fine_tuning: bool = False) ->
     runs a flash kernel for the unpadded, fixed-length sequences of pretraining."""
     if params.attn_implementation != "auto":
         return params.attn_implementation
-    import importlib.util
-
     import torch
 
-    if (fine_tuning and precision in ("bf16", "fp16") and torch.cuda.is_available()
-            and importlib.util.find_spec("flash_attn") is not None):
+    if fine_tuning and precision in ("bf16", "fp16") and torch.cuda.is_available() and flash_attention_loads():
         return "flash_attention_2"
     return "sdpa"
+
+
+def flash_attention_loads() -> bool:
+    """Whether flash-attn imports, not only whether its files are there: a build made for another torch
+    or CUDA is found but fails to load (an undefined symbol), and then SDPA must be chosen."""
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def peak_flops(params: TrainParams) -> float | None:
@@ -144,9 +168,11 @@ def params_from_name(model: str) -> float | None:
     return float(m.group(1)) * 1e9 if m else None
 
 
-def flops_per_token(config: Any, seq_len: int) -> float:
+def flops_per_token(config: Any, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
-    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits."""
+    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits. With
+    `frozen_weights` (LoRA, QLoRA) the base weights get no gradients: 4·N (the forward's 2·N and the
+    activations' gradients' 2·N); the adapters' own FLOPs are a rounding error."""
     from fabrika.models.presets import layer_linears
 
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -157,7 +183,7 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     router = hidden * experts if experts > 1 else 0
     matmul = sum(i * o for i, o in layer_linears(config, experts=active))
     n = layers * (matmul + router) + hidden * config.vocab_size  # + lm_head
-    return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
+    return (4.0 if frozen_weights else 6.0) * n + 12.0 * layers * heads * head_dim * seq_len
 
 
 def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None, **extra: Any):

@@ -192,10 +192,12 @@ def load_base(path: str, cfg: SFTConfig, precision: str):
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # bf16 storage: FSDP can shard the 4-bit weights
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
         kwargs["dtype"] = torch.bfloat16
+        if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
+            kwargs["device_map"] = {"": setup.local_rank()}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -237,25 +239,6 @@ def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
                      bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
 
 
-def save_model_outputs(trainer, cfg, out: Path, base: str, tokenizer, eot: str) -> Path:
-    """The trained model (full) or adapter, with the tokenizer and the generation contract, and the
-    adapter merged into the base when `cfg.merge`; returns what the next stage should load."""
-    if cfg.method == "full":
-        final = out / MODEL_DIR
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(final)
-        save_generation_contract(final, tokenizer, eot)
-        return final
-    adapter = out / ADAPTER_DIR
-    trainer.model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    save_generation_contract(adapter, tokenizer, eot)
-    if not cfg.merge:
-        return adapter
-    merge_adapter(base, adapter, out / MODEL_DIR, tokenizer, eot)
-    return out / MODEL_DIR
-
-
 def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) -> None:
     """Merge on a fresh full-precision copy of the base: merging into 4-bit weights would lose precision."""
     from peft import PeftModel
@@ -268,6 +251,27 @@ def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) 
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_generation_contract(out, tokenizer, eot)
+
+
+def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenizer, eot: str, quiet: bool) -> Path:
+    """The final model or adapter, saved by every rank: under FSDP and ZeRO-3 gathering the weights is
+    a collective, so a rank that returned before it would leave rank 0 waiting for the NCCL timeout at
+    the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
+    work that follows (tokenizer, generation contract, merge) ends at a barrier the ranks leave together."""
+    final = out / (MODEL_DIR if method == "full" else ADAPTER_DIR)
+    if trainer.is_fsdp_enabled:  # checkpoints were sharded; the final model must load with from_pretrained
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))
+    if not quiet:
+        print(f"rank {setup.rank()} of {setup.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
+              flush=True)
+    if setup.is_main_process():
+        tokenizer.save_pretrained(final)
+        save_generation_contract(final, tokenizer, eot)
+        if method != "full" and merge:
+            merge_adapter(base, final, out / MODEL_DIR, tokenizer, eot)
+    trainer.accelerator.wait_for_everyone()
+    return out / MODEL_DIR if method != "full" and merge else final
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -337,10 +341,14 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     precision = setup.check_device(cfg.train)
     _check_method(cfg)
+    if cfg.method == "qlora" and "gradient_checkpointing" not in cfg.train.model_fields_set:
+        # QLoRA is chosen to fit a small GPU: activations of 8B at 2k tokens would not, without recomputing
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
     base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
     convs, data_stats = load_conversations(cfg, ctx, ctx.seed)
 
     import datasets  # after the checks: a wrong setting or a bad row is reported without waiting for these
+    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig as TRLConfig, SFTTrainer
@@ -360,6 +368,9 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if not new_ids:  # frozen, yet upcast to fp32 above: +2 GB for Llama-3-8B's embeddings and LM head
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                layer.to(torch.bfloat16)
     if cfg.method in ("lora", "qlora"):
         model = get_peft_model(model, lora_config(cfg, model, new_ids))
 
@@ -381,7 +392,8 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
         model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          callbacks=setup.make_callbacks(out, tokens_per_step,
-                                                        setup.flops_per_token(model.config, cfg.max_length),
+                                                        setup.flops_per_token(model.config, cfg.max_length,
+                                                                              frozen_weights=cfg.method != "full"),
                                                         setup.peak_flops(cfg.train)))
     compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
                                        trainer.args.device)
@@ -398,11 +410,10 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     speeds = [r["tokens_per_s"] for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]
     if speeds:
         metrics["tokens_per_s"] = sum(speeds) / len(speeds)
+    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if not setup.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-
     atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
-    final = save_model_outputs(trainer, cfg, out, base, tokenizer, eot)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
     return ctx.finish(final, cfg, metrics=metrics, extra={"base": base, "template": cfg.template, "eot": eot})
