@@ -38,9 +38,9 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, check_conversation, detect_format, to_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.infer import batch
 from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
-from fabrika.infer.serve import ask_model
 
 JOURNAL = "journal.jsonl"
 
@@ -274,7 +274,8 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
 
     try:
         with Journal(journal) as log:
-            ask_model(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+            batch.ask(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep,
+                      state=ctx.stage_dir / batch.STATE, labels=[f"{kind}:{prompt_key(p)}" for p in todo])
     except FabrikaError as e:
         raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
                            "run the same command again to continue") from None
@@ -407,7 +408,8 @@ def _ask_per_answer(ctx: RunContext, kind: str, ref: str, jobs: list[tuple[dict,
         return
     params = GenerationParams(temperature=0.0, max_new_tokens=1024)
     with Journal(ctx.stage_dir / JOURNAL) as log:
-        ask_model(ctx.generator_ref(ref), [j[2] for j in jobs], params, client, ctx.quiet, keep)
+        batch.ask(ctx.generator_ref(ref), [j[2] for j in jobs], params, client, ctx.quiet, keep,
+                  state=ctx.stage_dir / batch.STATE, labels=[f"{kind}:{prompt_key(p)}:{key}" for p, key, _ in jobs])
     if failed:
         raise FabrikaError(f"collect: {len(failed)} of {len(jobs)} requests to {ref} failed (first: {failed[0]}); "
                            "the verdicts received are journaled; run the same command again for the rest")

@@ -20,8 +20,8 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
+from fabrika.infer import batch
 from fabrika.infer.backends import GenerationParams, Generator
-from fabrika.infer.serve import ask_model
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
 
@@ -126,6 +126,12 @@ def judge_matches(questions: list[dict], answers: list[dict], refs: dict[int, di
     return matches
 
 
+def batch_state(judgments: Path) -> Path:
+    """Where judging in batch mode logs its batches: the bench's folder, beside (not in) model_judgment/,
+    whose *.jsonl files are FastChat's judgment files."""
+    return judgments.parent.parent / batch.STATE
+
+
 def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, client_options: dict[str, Any],
                 retries: int = 1, quiet: bool = True, max_tokens: int = 2048) -> None:
     """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives. A judgment
@@ -155,7 +161,9 @@ def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, c
                                 "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
                                 "judgment": text, "score": score, "turn": m["turn"], "tstamp": time.time()}])
 
-        ask_model(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep)
+        labels = [f"{m['question']['question_id']}:{m['turn']}:{model_id}" for m in pending]
+        batch.ask(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep,
+                  state=batch_state(out), labels=labels)
         pending = unrated
         if not pending:
             break
@@ -218,7 +226,10 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
                             "tstamp": time.time()}])
 
     params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens)
-    ask_model(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep)
+    labels = [f"{m['question']['question_id']}:{m['turn']}:{m['model_1']}:{m['model_2']}:g{g}"
+              for m in matches for g in (1, 2)]
+    batch.ask(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep,
+              state=batch_state(out), labels=labels)
     if failed:
         raise FabrikaError(f"pairwise judging: {len(failed)} requests failed (first: {failed[0]}); the finished "
                            f"comparisons are in {out}; run the same command again for the rest")

@@ -1,0 +1,138 @@
+"""collect with `client.mode: batch`, at the process level: the installed `fabrika collect` killed with
+SIGKILL after submitting and before its batches end (also in the instant between `batches.create`
+and the write of the batch id), then run again; cancelled by `fabrika batches --cancel`; shown by
+`fabrika batches`. The witness is the batch server's own log of every submission: no request is
+submitted twice."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from batch_server import batch_server, submitted
+from helpers import FABRIKA, REPO, run_fabrika, write_jsonl
+
+from fabrika.infer import batch as B
+
+
+def user_rows() -> list[dict]:
+    """Repeated ids, typographic quotes, three languages."""
+    rows = []
+    for i, t in enumerate(["entropy", "inflation", "recursion", "a hash table"]):
+        rows.append({"id": f"en-{i}", "language": "en", "messages": [{"role": "user", "content": f"Explain “{t}” — why?"}]})
+        rows.append({"id": f"ru-{i}", "language": "ru", "messages": [{"role": "user", "content": f"Объясни «{t}»."}]})
+        rows.append({"id": "17", "language": "zh", "messages": [{"role": "user", "content": f"请解释“{t}”这个概念。"}]})
+    return rows
+
+
+def answer(messages: list[dict]) -> str:
+    return "Answer: " + messages[-1]["content"][::-1]
+
+
+def _collect(tmp_path: Path, url: str, out: Path, env: dict | None = None, **run) -> subprocess.CompletedProcess:
+    source = write_jsonl(tmp_path / "prompts.jsonl", user_rows())
+    cfg = tmp_path / "collect.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "source": str(source), "teacher": f"openai:teacher@{url}", "max_tokens": 64, "filters": ["empty", "duplicate"],
+        "client": {"mode": "batch", "max_retries": 1, "prices": {"teacher": [2.0, 8.0]},
+                   "batch": {"poll_s": 0.05, "max_requests": 5}}}, allow_unicode=True), encoding="utf-8")
+    return run_fabrika("collect", "--config", str(cfg), "--out", str(out),
+                       env={"FABRIKA_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}, **run)
+
+
+def _answers(out: Path) -> dict[str, str]:
+    import datasets
+
+    rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    return {r["messages"][-1]["content"]: r["messages"][0]["content"] for r in rows}
+
+
+def _check_dataset(out: Path) -> None:
+    got = _answers(out)
+    assert sorted(got.values()) == sorted(r["messages"][0]["content"] for r in user_rows())
+    assert all(a == answer([{"content": q}]) for a, q in got.items())
+
+
+def test_killed_after_submitting_resumes_the_same_batches(tmp_path):
+    log: list[dict] = []
+    out = tmp_path / "out"
+    with batch_server(answer, log, polls=6) as url:
+        r = _collect(tmp_path, url, out, kill_when=lambda: any(e["op"] == "retrieve" for e in log))
+        assert r.returncode == -9, r.stderr
+        first = {e["batch_id"] for e in log if e["op"] == "create"}
+        assert first and not (out / "dataset").exists()
+        n = len(log)
+        r = _collect(tmp_path, url, out)
+        assert r.returncode == 0, r.stderr
+    ids = submitted(log)
+    assert len(ids) == 12 and max(Counter(ids).values()) == 1  # each request submitted once, over both runs
+    assert first <= {e["batch_id"] for e in log[n:] if e["op"] == "retrieve"}  # polled again, not resubmitted
+    _check_dataset(out)
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["cost_usd"] == pytest.approx(12 * (10 * 2.0 + 20 * 8.0) / 1e6 / 2, abs=1e-4)
+    shown = subprocess.run([FABRIKA, "batches", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert shown.returncode == 0 and shown.stdout.count("completed") == 3, shown.stdout
+
+
+def test_killed_between_create_and_journal_finds_the_batch_by_its_tag(tmp_path):
+    log: list[dict] = []
+    out = tmp_path / "out"
+    with batch_server(answer, log, polls=2) as url:
+        r = _collect(tmp_path, url, out, env={"FABRIKA_FAULT_KILL_AFTER_BATCH_CREATE": "1"})
+        assert r.returncode == -9
+        assert len([e for e in log if e["op"] == "create"]) == 1
+        r = _collect(tmp_path, url, out)
+        assert r.returncode == 0, r.stderr
+    assert [e["op"] for e in log].count("list") == 1
+    assert "found again by its tag" in r.stdout
+    ids = submitted(log)
+    assert len(ids) == 12 and max(Counter(ids).values()) == 1
+    _check_dataset(out)
+
+
+def test_cancel_stops_a_running_collect(tmp_path):
+    log: list[dict] = []
+    out = tmp_path / "out"
+    with batch_server(answer, log, polls=10 ** 6) as url:
+        import threading
+
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(r=_collect(tmp_path, url, out)))
+        t.start()
+        while not any(e["op"] == "retrieve" for e in log):
+            time.sleep(0.02)
+        status = subprocess.run([FABRIKA, "batches", str(out)], capture_output=True, text=True, cwd=REPO)
+        assert "in_progress" in status.stdout or "validating" in status.stdout, status.stdout
+        cancel = subprocess.run([FABRIKA, "batches", str(out), "--cancel"], capture_output=True, text=True, cwd=REPO)
+        assert cancel.returncode == 0 and "batch_1" in cancel.stdout, cancel.stderr
+        t.join(120)
+    r = result["r"]
+    assert r.returncode == 2 and "cancelled" in r.stderr, r.stderr
+    assert [e["op"] for e in log].count("cancel") >= 1
+    assert B.in_flight_line(out) == ""
+
+
+def test_status_shows_the_batches_in_flight_of_a_pipeline(tmp_path):
+    log: list[dict] = []
+    source = write_jsonl(tmp_path / "prompts.jsonl", user_rows())
+    with batch_server(answer, log, polls=8) as url:
+        pipe = tmp_path / "pipe.yaml"
+        pipe.write_text(yaml.safe_dump({"name": "distil", "run_dir": str(tmp_path / "run"), "stages": {"collect": {
+            "source": str(source), "teacher": f"openai:teacher@{url}", "filters": ["empty"],
+            "client": {"mode": "batch", "batch": {"poll_s": 0.05, "max_requests": 5}}}}}), encoding="utf-8")
+        env = {"FABRIKA_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+        r = run_fabrika("run", str(pipe), env=env, kill_when=lambda: any(e["op"] == "retrieve" for e in log))
+        assert r.returncode == -9
+        status = run_fabrika("status", str(tmp_path / "run"), env=env)
+        assert "3 batches in flight" in status.stdout, status.stdout
+        r = run_fabrika("run", str(pipe), env=env)
+        assert r.returncode == 0, r.stderr
+        status = run_fabrika("status", str(tmp_path / "run"), env=env)
+    assert "in flight" not in status.stdout and "done" in status.stdout
+    assert max(Counter(submitted(log)).values()) == 1
