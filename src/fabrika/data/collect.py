@@ -610,7 +610,10 @@ def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
     out: dict[str, Any] = {"api_calls": first_draw(cfg) if n else "all rows", "_rows": n or 0}
     if n:  # ~200 prompt tokens, ~600 answer tokens per call on chat data like Tagengo
         worst = max_requests(cfg)  # every answer dropped until max_requests is spent
-        out["est_cost_usd"] = round(first_draw(cfg) * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        per_call = (200 * p_in + 600 * k * p_out) / 1e6 * (batch.BATCH_DISCOUNT if cfg.client.mode == "batch" else 1)
+        out["est_cost_usd"] = round(first_draw(cfg) * per_call, 2)
+        if cfg.client.mode == "batch":  # what the same requests would cost online
+            out["est_cost_online_usd"] = round(out["est_cost_usd"] / batch.BATCH_DISCOUNT, 2)
         out["api_calls_max"] = worst
-        out["est_cost_max_usd"] = round(worst * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        out["est_cost_max_usd"] = round(worst * per_call, 2)
     return out

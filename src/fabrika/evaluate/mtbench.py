@@ -235,11 +235,13 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
                            f"comparisons are in {out}; run the same command again for the rest")
 
 
-def estimate_judging(conversations: list[list[dict]], judge_model: str) -> dict[str, Any]:
+def estimate_judging(conversations: list[list[dict]], judge_model: str, batch: bool = False) -> dict[str, Any]:
+    """Judge calls and their cost, at the Batch API's price when `batch`."""
+    from fabrika.infer.batch import BATCH_DISCOUNT
     from fabrika.infer.client import DEFAULT_PRICES
 
     chars = sum(len(m["content"]) for conv in conversations for m in conv)
     p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
     prompt_tokens, answer_tokens = chars / 4, 300 * len(conversations)  # ~4 chars/token, ~300-token judgments
-    return {"judge_calls": len(conversations),
-            "est_cost_usd": round((prompt_tokens * p_in + answer_tokens * p_out) / 1e6, 2)}
+    cost = (prompt_tokens * p_in + answer_tokens * p_out) / 1e6 * (BATCH_DISCOUNT if batch else 1)
+    return {"judge_calls": len(conversations), "est_cost_usd": round(cost, 2)}
