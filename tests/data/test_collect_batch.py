@@ -136,3 +136,18 @@ def test_status_shows_the_batches_in_flight_of_a_pipeline(tmp_path):
         status = run_fabrika("status", str(tmp_path / "run"), env=env)
     assert "in flight" not in status.stdout and "done" in status.stdout
     assert max(Counter(submitted(log)).values()) == 1
+
+
+def test_batches_cancelled_between_runs_are_submitted_anew(tmp_path):
+    log: list[dict] = []
+    out = tmp_path / "out"
+    with batch_server(answer, log, polls=6) as url:
+        r = _collect(tmp_path, url, out, kill_when=lambda: any(e["op"] == "retrieve" for e in log))
+        assert r.returncode == -9
+        cancel = subprocess.run([FABRIKA, "batches", str(out), "--cancel"], capture_output=True, text=True, cwd=REPO)
+        assert cancel.returncode == 0 and "batch_1, batch_2, batch_3" in cancel.stdout, cancel.stdout + cancel.stderr
+        r = _collect(tmp_path, url, out)
+        assert r.returncode == 0, r.stderr
+    counts = Counter(submitted(log))
+    assert len(counts) == 12 and set(counts.values()) == {2}  # cancelled once, then answered
+    _check_dataset(out)

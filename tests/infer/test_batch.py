@@ -97,3 +97,17 @@ def test_cancel_stops_the_batches_in_flight(tmp_path):
     assert all(isinstance(r, RequestFailed) and "cancelled" in str(r) for r in result.values()) and len(result) == 5
     assert B.in_flight_line(tmp_path) == ""
     assert len([e for e in log if e["op"] == "create"]) == 1
+
+
+def test_budget_submits_one_batch_at_a_time_and_stops_when_spent(tmp_path):
+    from fabrika.infer.client import JobStopped
+
+    log: list[dict] = []
+    got: dict[int, object] = {}
+    client = {"mode": "batch", "cache_dir": str(tmp_path / "cache"), "prices": PRICES, "budget_usd": 0.00004,
+              "batch": {"poll_s": 0.01, "max_requests": 2}}
+    with batch_server(reply, log) as url, pytest.raises(JobStopped, match="budget"):
+        B.ask(f"openai:m@{url}", CONVS, GenerationParams(temperature=0.0, max_new_tokens=32), client, True,
+              lambda i, r: got.__setitem__(i, r), state=tmp_path / B.STATE, labels=[f"q{i}" for i in range(5)])
+    assert len([e for e in log if e["op"] == "create"]) == 1  # 2 answers at $0.000025 each spent the budget
+    assert sorted(got) == [0, 1]

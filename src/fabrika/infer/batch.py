@@ -23,8 +23,12 @@ exists are its requests submitted again. A batch's requests are identified by cu
 from the caller's journal key and a hash of the request body, so its results map back exactly, and a
 request whose body changed (other settings) is a new request. Failed and expired requests are sent
 again in a new batch or online (`batch.retry`), at most `batch.max_rounds` times in one run; those of
-a batch cancelled by `fabrika batches DIR --cancel` are not: the user stopped them, and the same
-command run again submits them anew.
+a batch cancelled by `fabrika batches DIR --cancel` are not: the run waiting on it stops with an
+error, and the same command run again submits them anew.
+
+Every answer is billed at the batch price (half the online one) in the caller's journal. A batch's
+cost is known only once it has ended, so with `budget_usd` the batches are submitted one at a time,
+each only while the ones that ended in this run cost less than the budget.
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ class Batches:
         self.config, self.state, self.quiet = config, Path(state), quiet
         self.api = _api(config.base_url, config.api_key_env, config.max_retries, config.timeout_s)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
-        self.spent = 0.0
+        self.spent = 0.0  # at the batch price, by the batches that ended in this run
+        self.cancelled_before: set[str] = set()
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -193,6 +198,9 @@ class Batches:
         sent: dict[str, int] = defaultdict(int)  # times this run sent each request
         errors: dict[str, str] = {}
         self._resolve_unconfirmed()
+        # batches cancelled while no run was waiting on them: their requests are simply submitted anew
+        self.cancelled_before = {s.tag for s in read_state(self.state).values()
+                                 if s.in_flight and s.status in ("cancelling", "cancelled")}
         limits = self.config.batch
         while waiting:
             open_subs = [s for s in read_state(self.state).values()
@@ -211,36 +219,40 @@ class Batches:
                 self._online(model, retry, convs, params, waiting, deliver)
                 continue
             fresh = [key for key in waiting if key not in flying]
-            if fresh:
-                for key in fresh:
-                    sent[key] += 1
-                self._submit(model, fresh, lines)
-                continue
             mine = [s for s in open_subs if {cache_key(c) for c in s.custom_ids} & set(waiting)]
+            if fresh and (self.config.budget_usd is None or not mine):
+                for key in self._submit(model, fresh, lines):
+                    sent[key] += 1
+                continue
             # others' batches too, once each round: their answers go to the cache, so none is lost
-            self._poll(open_subs if self.cache else mine, model, deliver, errors)
+            self._poll(open_subs if self.cache else mine, deliver, errors)
             tags = {s.tag for s in mine}
             if any(s.in_flight for s in read_state(self.state).values() if s.tag in tags):
                 time.sleep(limits.poll_s)
 
     # --- submitting ----------------------------------------------------------------------------
 
-    def _submit(self, model: str, ids: list[str], lines: dict[str, bytes]) -> None:
-        """The requests (by cache key) as batches of at most max_requests lines and max_bytes bytes."""
-        chunk: list[str] = []
+    def _submit(self, model: str, ids: list[str], lines: dict[str, bytes]) -> list[str]:
+        """The requests (by cache key) as batches of at most max_requests lines and max_bytes bytes; with
+        a budget, only the first batch (the next is submitted once it has ended and its cost is known).
+        Returns the requests submitted."""
+        chunks: list[list[str]] = [[]]
         size = 0
         limits = self.config.batch
         for key in ids:
             if len(lines[key]) > limits.max_bytes:
                 raise FabrikaError(f"batch: one request ({key}) is {len(lines[key]):,} bytes, over the "
                                    f"{limits.max_bytes:,} bytes a batch may hold")
-            if chunk and (len(chunk) == limits.max_requests or size + len(lines[key]) > limits.max_bytes):
-                self._submit_one(model, chunk, lines)
-                chunk, size = [], 0
-            chunk.append(key)
+            if chunks[-1] and (len(chunks[-1]) == limits.max_requests or size + len(lines[key]) > limits.max_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(key)
             size += len(lines[key])
-        if chunk:
+        if self.config.budget_usd is not None:
+            chunks = chunks[:1]
+        for chunk in chunks:
             self._submit_one(model, chunk, lines)
+        return [key for chunk in chunks for key in chunk]
 
     def _submit_one(self, model: str, ids: list[str], lines: dict[str, bytes]) -> None:
         cfg = self.config
@@ -287,7 +299,7 @@ class Batches:
 
     # --- polling and results -------------------------------------------------------------------
 
-    def _poll(self, subs: list[Submission], model: str, deliver, errors: dict[str, str]) -> None:
+    def _poll(self, subs: list[Submission], deliver, errors: dict[str, str]) -> None:
         for s in subs:
             if s.batch_id is None:
                 continue
@@ -301,7 +313,7 @@ class Batches:
                 self.say(f"batch {s.batch_id}: {b.status}, {counts.get('completed', 0)} of "
                          f"{counts.get('total', len(s.custom_ids))} done, {counts.get('failed', 0)} failed")
             if b.status in FINISHED:
-                self._harvest(s, b, model, deliver, errors)
+                self._harvest(s, b, deliver, errors)
 
     def _rows(self, file_id: str | None) -> list[dict]:
         if not file_id:
@@ -312,7 +324,7 @@ class Batches:
             raise _failure(self.config.base_url, f"downloading {file_id}", e) from None
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def _harvest(self, s: Submission, b: Any, model: str, deliver, errors: dict[str, str]) -> None:
+    def _harvest(self, s: Submission, b: Any, deliver, errors: dict[str, str]) -> None:
         """Hand over (and cache) every answer of a finished batch; note why the others failed."""
         from openai.types.chat import ChatCompletion
 
@@ -323,7 +335,7 @@ class Batches:
             if response.get("status_code") == 200:
                 r = ChatCompletion.model_validate(response["body"])
                 usage = r.usage
-                c = price(self.config, model, usage.prompt_tokens if usage else 0,
+                c = price(self.config, s.model, usage.prompt_tokens if usage else 0,
                           usage.completion_tokens if usage else 0) * BATCH_DISCOUNT
                 result = completions(r, c)
                 cost += c
@@ -338,7 +350,7 @@ class Batches:
         reason = "; ".join(e.message or e.code or "" for e in (b.errors.data or [])) if b.errors else ""
         for key in {cache_key(c) for c in s.custom_ids} - answered:
             errors.setdefault(key, f"batch {s.batch_id} {b.status}" + (f": {reason}" if reason else ""))
-            if b.status == "cancelled":
+            if b.status == "cancelled" and s.tag not in self.cancelled_before:
                 deliver(key, RequestFailed(f"batch {s.batch_id} was cancelled"))
         self.spent += cost
         self.log(event="done", batch_id=s.batch_id, status=b.status, answered=len(answered),
