@@ -118,19 +118,26 @@ def test_cancel_stops_a_running_collect(tmp_path):
     assert B.in_flight_line(out) == ""
 
 
-def test_status_shows_the_batches_in_flight_of_a_pipeline(tmp_path):
+def test_status_shows_the_batches_in_flight_and_a_restarted_stage_adopts_them(tmp_path):
+    """`fabrika status` names the batches in flight; the stage run again with other settings (the
+    pipeline starts it afresh in a new directory) polls them instead of submitting anew."""
     log: list[dict] = []
     source = write_jsonl(tmp_path / "prompts.jsonl", user_rows())
-    with batch_server(answer, log, polls=8) as url:
-        pipe = tmp_path / "pipe.yaml"
+    pipe = tmp_path / "pipe.yaml"
+
+    def write(filters: list[str], url: str) -> None:
         pipe.write_text(yaml.safe_dump({"name": "distil", "run_dir": str(tmp_path / "run"), "stages": {"collect": {
-            "source": str(source), "teacher": f"openai:teacher@{url}", "filters": ["empty"],
+            "source": str(source), "teacher": f"openai:teacher@{url}", "filters": filters,
             "client": {"mode": "batch", "batch": {"poll_s": 0.05, "max_requests": 5}}}}}), encoding="utf-8")
+
+    with batch_server(answer, log, polls=8) as url:
+        write(["empty"], url)
         env = {"FABRIKA_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
         r = run_fabrika("run", str(pipe), env=env, kill_when=lambda: any(e["op"] == "retrieve" for e in log))
         assert r.returncode == -9
         status = run_fabrika("status", str(tmp_path / "run"), env=env)
         assert "3 batches in flight" in status.stdout, status.stdout
+        write(["empty", "duplicate"], url)
         r = run_fabrika("run", str(pipe), env=env)
         assert r.returncode == 0, r.stderr
         status = run_fabrika("status", str(tmp_path / "run"), env=env)

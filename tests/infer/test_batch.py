@@ -38,7 +38,7 @@ def test_chunks_answers_and_batch_price(tmp_path):
         assert [len(e["custom_ids"]) for e in log if e["op"] == "create"] == [2, 2, 1]
         assert Counter(submitted(log)).most_common(1)[0][1] == 1
         assert all(got[i][0].cost == pytest.approx(0.000025) for i in range(5))  # half of the online price
-        subs = B.read_state(tmp_path / B.STATE)
+        subs = B.read_state(tmp_path / "cache" / B.STATE)  # the log lives beside the response cache
         assert all(s.done and s.status == "completed" for s in subs.values())
         # the same call again is answered from the cache: nothing submitted
         n = len(log)

@@ -5,8 +5,11 @@ input files through the files API, one batch per chunk (OpenAI's limits: 50,000 
 `completion_window: 24h`; the batches are polled until they end, and each answer reaches the caller
 (which journals it row by row) and the response cache exactly as an online answer would.
 
-Never submitting a request twice rests on `batches.jsonl`, an append-only log (fsync'd per record)
-next to the caller's journal:
+Never submitting a request twice rests on `batches.jsonl`, an append-only log (fsync'd per record,
+appended under a lock) kept beside the response cache, per user like it: a pipeline deletes a stage's
+directory when its settings change, and the batches in flight must outlive it. The caller's
+directory gets a `batches.jsonl` that only points to that log; each submission names the directory
+it was made for (what `fabrika status` and `fabrika batches DIR` show). The records:
 
 1. `submitting` (a fresh tag, the base URL, the custom_ids) is written *before* anything is sent;
 2. `uploaded` (the input file's id) once the upload returns;
@@ -15,8 +18,9 @@ next to the caller's journal:
 4. `state` records each change of a batch's status and counts (what `fabrika status` shows);
 5. `done` once a finished batch's results have all been handed over and cached.
 
-A rerun (after Ctrl-C or kill -9) resumes polling every batch submitted and not done instead of
-submitting its requests again. A `submitting` record without its batch id (killed between `create`
+A rerun (after Ctrl-C or kill -9, with the same or other settings) resumes polling every batch
+submitted and not done instead of submitting its requests again; a batch of other requests is polled
+too, and its answers go to the cache, so none is lost and a run waiting on them finds them there. A `submitting` record without its batch id (killed between `create`
 and the write that follows it, or `create` failed in flight) is resolved first: the batches created
 since are listed and matched on the tag in their metadata; one found is adopted, and only when none
 exists are its requests submitted again. A batch's requests are identified by custom_ids derived
@@ -73,6 +77,7 @@ class Submission:
     """One batch as `batches.jsonl` knows it."""
 
     tag: str
+    origin: str  # the caller's batches.jsonl: which stage the batch was submitted for
     base_url: str
     api_key_env: str
     model: str
@@ -97,8 +102,8 @@ def read_state(path: Path) -> dict[str, Submission]:
     for r in read_jsonl(path):
         event = r.get("event")
         if event == "submitting":
-            subs[r["tag"]] = Submission(r["tag"], r["base_url"], r["api_key_env"], r["model"], r["custom_ids"],
-                                        r["time"])
+            subs[r["tag"]] = Submission(r["tag"], r.get("origin", ""), r["base_url"], r["api_key_env"], r["model"],
+                                        r["custom_ids"], r["time"])
             continue
         s = subs.get(r.get("tag", "")) or by_batch.get(r.get("batch_id", ""))
         if s is None:
@@ -115,6 +120,17 @@ def read_state(path: Path) -> dict[str, Submission]:
         elif event == "done":
             s.done, s.status = True, r.get("status", s.status)
     return subs
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    """One record, fsync'd, under an exclusive lock: several runs of one user share the log, and
+    append_jsonl's repair of a torn last line must not cut a line another process is writing."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        append_jsonl(path, [{**record, "time": time.time()}])
 
 
 def _api(base_url: str, api_key_env: str, retries: int = 2, timeout: float = 600.0):
@@ -160,7 +176,11 @@ class Batches:
     """One call's requests through the Batch API, resumed from and logged to `state`."""
 
     def __init__(self, config: ClientConfig, state: Path, quiet: bool) -> None:
-        self.config, self.state, self.quiet = config, Path(state), quiet
+        self.config, self.quiet = config, quiet
+        self.origin = str(Path(state).resolve())
+        self.state = Path(config.cache_dir) / STATE if config.cache_dir else Path(state)  # the log itself
+        if self.state != Path(state) and not any(r.get("event") == "log" for r in read_jsonl(state)):
+            _append(Path(state), {"event": "log", "path": str(self.state.resolve())})
         self.api = _api(config.base_url, config.api_key_env, config.max_retries, config.timeout_s)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self.spent = 0.0  # at the batch price, by the batches that ended in this run
@@ -171,8 +191,7 @@ class Batches:
             print(msg, flush=True)
 
     def log(self, **record: Any) -> None:
-        self.state.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(self.state, [{**record, "time": time.time()}])
+        _append(self.state, record)
 
     def run(self, model: str, convs: list[Messages], params: GenerationParams, labels: list[str],
             on_result: Callable[[int, Any], None]) -> None:
@@ -192,9 +211,11 @@ class Batches:
             for i in waiting.pop(key, []):
                 on_result(i, result)
 
-        for key in list(waiting):
-            if self.cache and (hit := self.cache.get(key)) is not None:
-                deliver(key, [Completion(**{**c, "cost": 0.0, "cached": True}) for c in hit])
+        def cached() -> None:  # answered before, or by a batch another run has harvested
+            for key in list(waiting):
+                if self.cache and (hit := self.cache.get(key)) is not None:
+                    deliver(key, [Completion(**{**c, "cost": 0.0, "cached": True}) for c in hit])
+
         sent: dict[str, int] = defaultdict(int)  # times this run sent each request
         errors: dict[str, str] = {}
         self._resolve_unconfirmed()
@@ -202,7 +223,10 @@ class Batches:
         self.cancelled_before = {s.tag for s in read_state(self.state).values()
                                  if s.in_flight and s.status in ("cancelling", "cancelled")}
         limits = self.config.batch
-        while waiting:
+        while True:
+            cached()
+            if not waiting:
+                break
             open_subs = [s for s in read_state(self.state).values()
                          if s.in_flight and s.base_url == self.config.base_url]
             flying = {cache_key(cid) for s in open_subs for cid in s.custom_ids}
@@ -259,7 +283,7 @@ class Batches:
         if cfg.budget_usd is not None and self.spent >= cfg.budget_usd:
             raise JobStopped(f"budget of ${cfg.budget_usd:g} spent (batch price)")
         tag = uuid.uuid4().hex
-        self.log(event="submitting", tag=tag, base_url=cfg.base_url, api_key_env=cfg.api_key_env, model=model,
+        self.log(event="submitting", tag=tag, origin=self.origin, base_url=cfg.base_url, api_key_env=cfg.api_key_env, model=model,
                  custom_ids=[json.loads(lines[key])["custom_id"] for key in ids])
         try:
             f = self.api.files.create(file=(f"fabrika-{tag}.jsonl", b"".join(lines[c] for c in ids)), purpose="batch")
@@ -371,9 +395,16 @@ class Batches:
 # --- what `fabrika status` and `fabrika batches` show ---------------------------------------------
 
 def submissions(root: Path) -> list[tuple[Path, Submission]]:
-    """Every batch logged under `root` (a stage or run directory), with the log it is in."""
-    found = [root / STATE] if (root / STATE).is_file() else sorted(Path(root).rglob(STATE))
-    return [(p, s) for p in found for s in read_state(p).values() if s.batch_id or s.in_flight]
+    """Every batch submitted for the stages under `root` (a stage or run directory), with the log
+    that holds it."""
+    root = Path(root)
+    out = []
+    for local in [root / STATE] if (root / STATE).is_file() else sorted(root.rglob(STATE)):
+        logs = {local} | {Path(r["path"]) for r in read_jsonl(local) if r.get("event") == "log"}
+        origin = str(local.resolve())
+        out += [(log, s) for log in sorted(logs) for s in read_state(log).values()
+                if s.origin == origin and (s.batch_id or s.in_flight)]
+    return out
 
 
 def in_flight_line(root: Path) -> str:
@@ -397,8 +428,7 @@ def cancel(root: Path) -> list[str]:
             b = api.batches.cancel(s.batch_id)
         except Exception as e:
             raise _failure(s.base_url, f"cancelling batch {s.batch_id}", e) from None
-        append_jsonl(path, [{"event": "state", "batch_id": s.batch_id, "status": b.status,
-                             "counts": b.request_counts.model_dump() if b.request_counts else s.counts,
-                             "time": time.time()}])
+        _append(path, {"event": "state", "batch_id": s.batch_id, "status": b.status,
+                       "counts": b.request_counts.model_dump() if b.request_counts else s.counts})
         out.append(s.batch_id)
     return out
