@@ -23,9 +23,9 @@ def user_rows() -> list[dict]:
     """Repeated ids, typographic quotes, three languages."""
     rows = []
     for i, t in enumerate(["entropy", "inflation", "recursion", "a hash table"]):
-        rows.append({"id": f"en-{i}", "language": "en", "messages": [{"role": "user", "content": f"Explain “{t}” — why?"}]})
-        rows.append({"id": f"ru-{i}", "language": "ru", "messages": [{"role": "user", "content": f"Объясни «{t}»."}]})
-        rows.append({"id": "17", "language": "zh", "messages": [{"role": "user", "content": f"请解释“{t}”这个概念。"}]})
+        for rid, lang, text in [(f"en-{i}", "en", f"Explain “{t}” — why?"), (f"ru-{i}", "ru", f"Объясни «{t}»."),
+                                ("17", "zh", f"请解释“{t}”这个概念。")]:
+            rows.append({"id": rid, "language": lang, "messages": [{"role": "user", "content": text}]})
     return rows
 
 

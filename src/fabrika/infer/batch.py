@@ -19,13 +19,14 @@ it was made for (what `fabrika status` and `fabrika batches DIR` show). The reco
 5. `done` once a finished batch's results have all been handed over and cached.
 
 A rerun (after Ctrl-C or kill -9, with the same or other settings) resumes polling every batch
-submitted and not done instead of submitting its requests again; a batch of other requests is polled
-too, and its answers go to the cache, so none is lost and a run waiting on them finds them there. A `submitting` record without its batch id (killed between `create`
-and the write that follows it, or `create` failed in flight) is resolved first: the batches created
-since are listed and matched on the tag in their metadata; one found is adopted, and only when none
-exists are its requests submitted again. A batch's requests are identified by custom_ids derived
-from the caller's journal key and a hash of the request body, so its results map back exactly, and a
-request whose body changed (other settings) is a new request. Failed and expired requests are sent
+submitted and not done instead of submitting its requests again; a batch of other requests is
+polled too and its answers go to the cache, so none is lost and a run waiting on them finds them
+there. A `submitting` record without its batch id (killed between `create` and the write that
+follows it, or `create` failed in flight) is resolved first: the batches created since are listed
+and matched on the tag in their metadata; one found is adopted, and only when none exists are its
+requests submitted again. A request's custom_id is the caller's journal key followed by its response
+cache key (a hash of the endpoint, model, messages and sampling settings), so its result maps back
+exactly, and a request whose body changed is a new request. Failed and expired requests are sent
 again in a new batch or online (`batch.retry`), at most `batch.max_rounds` times in one run; those of
 a batch cancelled by `fabrika batches DIR --cancel` are not: the run waiting on it stops with an
 error, and the same command run again submits them anew.
@@ -283,8 +284,8 @@ class Batches:
         if cfg.budget_usd is not None and self.spent >= cfg.budget_usd:
             raise JobStopped(f"budget of ${cfg.budget_usd:g} spent (batch price)")
         tag = uuid.uuid4().hex
-        self.log(event="submitting", tag=tag, origin=self.origin, base_url=cfg.base_url, api_key_env=cfg.api_key_env, model=model,
-                 custom_ids=[json.loads(lines[key])["custom_id"] for key in ids])
+        self.log(event="submitting", tag=tag, origin=self.origin, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+                 model=model, custom_ids=[json.loads(lines[key])["custom_id"] for key in ids])
         try:
             f = self.api.files.create(file=(f"fabrika-{tag}.jsonl", b"".join(lines[c] for c in ids)), purpose="batch")
             self.log(event="uploaded", tag=tag, file_id=f.id)
