@@ -68,3 +68,43 @@ def test_batch_judging_resumes_after_kill_and_resubmits_only_expired_rows(tmp_pa
     assert _grades(out) == online
     assert not list((out / "mt_bench" / "model_judgment").glob("batches*"))  # FastChat's folder holds only judgments
     assert (out / "mt_bench" / "batches.jsonl").is_file()
+
+
+def prefer_mine(messages: list[dict]) -> str:
+    """Pairwise prompts: the answer saying MINE wins; single prompts: a rating."""
+    text = messages[-1]["content"]
+    if "THEIRS" in text:
+        return "[[A]]" if text.index("MINE") < text.index("THEIRS") else "[[B]]"
+    return verdict(messages)
+
+
+def test_pairwise_and_single_judging_in_batch_mode_equal_online(tmp_path):
+    rows = []
+    for i, q in enumerate(M.load_questions("mt_bench")[0][:QUESTIONS]):
+        rows.append({"question_id": q["question_id"], "answer_id": f"t{i}", "model_id": "theirs", "tstamp": 0,
+                     "choices": [{"index": 0, "turns": [f"THEIRS «{i}»", f"THEIRS again {i}"]}]})
+    theirs = write_jsonl(tmp_path / "theirs.jsonl", rows)
+
+    def run(work: Path, url: str, client: dict) -> list[tuple]:
+        mine = [{**r, "model_id": "mine", "choices": [{"index": 0, "turns": [f"MINE “{i}”", f"MINE again {i}"]}]}
+                for i, r in enumerate(rows)]
+        work.mkdir()
+        (work / "eval.yaml").write_text(yaml.safe_dump({"mtbench": {"client": client}}), encoding="utf-8")
+        r = run_fabrika("eval", "mtbench", "--answers", str(write_jsonl(work / "mine.jsonl", mine)), "--bench",
+                        "mt_bench", "--questions", str(QUESTIONS), "--judge", f"openai:judge@{url}", "--baseline",
+                        str(theirs), "--mode", "both", "--config", str(work / "eval.yaml"), "--out", str(work / "out"),
+                        env={"FABRIKA_CACHE_DIR": str(work / "cache")})
+        assert r.returncode == 0, r.stderr
+        pairs = read_jsonl(work / "out" / "mt_bench" / "model_judgment" / "judge_pair.jsonl")
+        return _grades(work / "out") + sorted((p["question_id"], p["turn"], p["g1_winner"], p["g2_winner"])
+                                              for p in pairs)
+
+    with scripted_server(prefer_mine) as url:
+        online = run(tmp_path / "online", url, {"concurrency": 4})
+    log: list[dict] = []
+    with batch_server(prefer_mine, log, polls=2) as url:
+        batched = run(tmp_path / "batch", url, {"mode": "batch", "batch": {"poll_s": 0.05}})
+    assert batched == online
+    assert [len(e["custom_ids"]) for e in log if e["op"] == "create"] == [2 * QUESTIONS, 4 * QUESTIONS]
+    assert max(Counter(submitted(log)).values()) == 1
+    assert all(p[2] == "model_1" and p[3] == "model_1" for p in online if len(p) == 4)
