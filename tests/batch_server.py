@@ -45,9 +45,11 @@ def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: lis
                 "purpose": purpose, "status": "processed"}
 
     def answer(body: dict) -> dict:
+        """`n` choices: the rule's answer, then variants of it."""
         text = reply(body["messages"])
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        choices = [{"index": j, "message": {"role": "assistant", "content": text + (f" (variant {j})" if j else "")},
+                    "finish_reason": "stop"} for j in range(body.get("n", 1))]
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
                 "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
 
     def finish(b: dict, fate: str) -> None:

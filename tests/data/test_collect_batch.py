@@ -158,3 +158,48 @@ def test_batches_cancelled_between_runs_are_submitted_anew(tmp_path):
     counts = Counter(submitted(log))
     assert len(counts) == 12 and set(counts.values()) == {2}  # cancelled once, then answered
     _check_dataset(out)
+
+
+def teacher_and_judges(messages: list[dict]) -> str:
+    """The teacher refuses to explain entropy; the refusal judge says so; the grader prefers the
+    first candidate of each prompt to its variant."""
+    text = messages[-1]["content"]
+    if "YES or NO" in text:
+        return "YES" if "I cannot" in text else "NO"
+    if "[[rating]]" in text:
+        return "Rating: [[3]]" if "(variant 1)" in text else "Rating: [[9]]"
+    return "I cannot help with that." if "entropy" in text else answer(messages)
+
+
+def _collect_with(tmp_path: Path, url: str, out: Path, **extra) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(exist_ok=True)
+    source = write_jsonl(tmp_path / "prompts.jsonl", user_rows())
+    cfg = tmp_path / "collect.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "source": str(source), "teacher": f"openai:teacher@{url}", "filters": ["empty"],
+        "client": {"mode": "batch", "batch": {"poll_s": 0.05}}, **extra}, allow_unicode=True), encoding="utf-8")
+    return run_fabrika("collect", "--config", str(cfg), "--out", str(out),
+                       env={"FABRIKA_CACHE_DIR": str(tmp_path / "cache")})
+
+
+def test_refusal_checks_and_preference_grades_go_through_batches(tmp_path):
+    import datasets
+
+    log: list[dict] = []
+    with batch_server(teacher_and_judges, log, polls=2) as url:
+        r = _collect_with(tmp_path / "sft", url, tmp_path / "sft" / "out", refusal_judge=f"openai:judge@{url}")
+        assert r.returncode == 0, r.stderr
+        creates = [len(e["custom_ids"]) for e in log if e["op"] == "create"]
+        assert creates == [12, 12]  # the answers, then one refusal check per answer
+        rows = datasets.load_from_disk(str(tmp_path / "sft" / "out" / "dataset")).to_list()
+        assert len(rows) == 9 and not any("entropy" in str(r["messages"]) for r in rows)
+        log.clear()
+        r = _collect_with(tmp_path / "pref", url, tmp_path / "pref" / "out",
+                          preference={"k": 2, "judge": f"openai:judge@{url}"})
+        assert r.returncode == 0, r.stderr
+    creates = [len(e["custom_ids"]) for e in log if e["op"] == "create"]
+    assert creates == [12, 24]  # k=2 candidates per prompt in one request each, then a grade per candidate
+    assert max(Counter(submitted(log)).values()) == 1
+    pairs = datasets.load_from_disk(str(tmp_path / "pref" / "out" / "dataset")).to_list()
+    assert len(pairs) == 12
+    assert all("(variant 1)" in p["rejected"][0]["content"] and p["chosen_score"] == 9 for p in pairs)

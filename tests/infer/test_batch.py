@@ -111,3 +111,11 @@ def test_budget_submits_one_batch_at_a_time_and_stops_when_spent(tmp_path):
               lambda i, r: got.__setitem__(i, r), state=tmp_path / B.STATE, labels=[f"q{i}" for i in range(5)])
     assert len([e for e in log if e["op"] == "create"]) == 1  # 2 answers at $0.000025 each spent the budget
     assert sorted(got) == [0, 1]
+
+
+def test_a_local_model_in_batch_mode_is_a_clear_error(tmp_path):
+    from fabrika.errors import FabrikaError
+
+    with pytest.raises(FabrikaError, match="mode: batch needs an API model"):
+        B.ask("hf:some/model", CONVS, GenerationParams(), {"mode": "batch"}, True, lambda i, r: None,
+              state=tmp_path / B.STATE, labels=["a"] * 5)

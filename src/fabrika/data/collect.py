@@ -11,7 +11,8 @@ for is lost and the dataset equals an uninterrupted run's. Responses are also ca
 outside the stage directory: a stage restarted with other settings (a pipeline deletes its
 directory) gets back every answer it already paid for. A quota counts kept rows: answers the filters
 drop (data/filters.py) are made up for with more prompts from the same language's pool, within
-`max_requests`.
+`max_requests`. With `client: {mode: batch}` the requests go through OpenAI's Batch API at half the
+price (infer/batch.py): the same journal, and batches in flight resumed, never submitted twice.
 
 In preference mode each prompt gets k candidates from the teacher (and from a student, when one is
 named); a judge grades each with FastChat's single-answer prompt and the best and worst become

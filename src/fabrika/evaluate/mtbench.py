@@ -5,7 +5,8 @@ Answers: both turns, the second conditioned on the model's own first answer, Fas
 per category, batched, appended to `<bench>/model_answer/<model_id>.jsonl` as they are produced.
 Judgments: FastChat's prompts (byte for byte), temperature 0, appended to
 `<bench>/model_judgment/<judge>_single.jsonl`; calls go through fabrika's client, so they are
-cached and retried, and a killed run picks up what is missing.
+cached and retried, and a killed run picks up what is missing; with `client: {mode: batch}` they go
+through OpenAI's Batch API at half the price (infer/batch.py).
 """
 
 from __future__ import annotations
