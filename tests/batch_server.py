@@ -6,7 +6,8 @@ Each batch is `validating` when created, `in_progress` at its first retrieve, an
 `polls`-th retrieve with the next of `fates`: "complete" (answers in the output file; requests the
 test's `error_if` picks get HTTP 500 rows in the error file), "expire" (the first half answered, the
 rest `batch_expired` rows in the error file) or "fail" (validation failed: no output at all). A
-cancelled batch is `cancelling`, then `cancelled` at the next retrieve with nothing answered.
+cancelled batch is `cancelling`, then `cancelled` at the next retrieve with nothing answered. The
+first `lose_creates` batches are created but answered with HTTP 500, as when a reply is lost.
 
 `log` receives every call ({"op": "create", "batch_id", "custom_ids"}, "upload", "retrieve", "list",
 "cancel", "chat"): the witness of what was submitted.
@@ -26,7 +27,8 @@ from fastapi import Request  # at module level: the routes' annotations are reso
 
 @contextmanager
 def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: list[str] | None = None, polls: int = 3,
-                 error_if: Callable[[list[dict]], bool] = lambda messages: False) -> Iterator[str]:
+                 error_if: Callable[[list[dict]], bool] = lambda messages: False,
+                 lose_creates: int = 0) -> Iterator[str]:
     import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
@@ -36,6 +38,7 @@ def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: lis
     batches: dict[str, dict] = {}
     seen: dict[str, int] = {}
     fates = list(fates or [])
+    lost = [0]
     lock = threading.Lock()
 
     def new_file(data: bytes, purpose: str, name: str) -> dict:
@@ -111,6 +114,10 @@ def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: lis
             batches[bid] = b
             seen[bid] = 0
             log.append({"op": "create", "batch_id": bid, "custom_ids": [json.loads(x)["custom_id"] for x in lines]})
+            if lost[0] < lose_creates:  # created, but the answer never reaches the client
+                lost[0] += 1
+                return JSONResponse({"error": {"message": "upstream timed out", "type": "server_error"}},
+                                    status_code=500)
             return b
 
     @app.get("/v1/batches/{bid}")

@@ -203,3 +203,16 @@ def test_refusal_checks_and_preference_grades_go_through_batches(tmp_path):
     pairs = datasets.load_from_disk(str(tmp_path / "pref" / "out" / "dataset")).to_list()
     assert len(pairs) == 12
     assert all("(variant 1)" in p["rejected"][0]["content"] and p["chosen_score"] == 9 for p in pairs)
+
+
+def test_a_batch_created_whose_reply_was_lost_is_found_not_submitted_again(tmp_path):
+    log: list[dict] = []
+    out = tmp_path / "out"
+    with batch_server(answer, log, polls=2, lose_creates=1) as url:
+        r = _collect(tmp_path, url, out)
+        assert r.returncode == 2 and "submitting a batch: HTTP 500" in r.stderr and "Traceback" not in r.stderr
+        r = _collect(tmp_path, url, out)
+        assert r.returncode == 0, r.stderr
+    assert "found again by its tag" in r.stdout
+    assert len(submitted(log)) == 12 and max(Counter(submitted(log)).values()) == 1
+    _check_dataset(out)

@@ -119,3 +119,17 @@ def test_a_local_model_in_batch_mode_is_a_clear_error(tmp_path):
     with pytest.raises(FabrikaError, match="mode: batch needs an API model"):
         B.ask("hf:some/model", CONVS, GenerationParams(), {"mode": "batch"}, True, lambda i, r: None,
               state=tmp_path / B.STATE, labels=["a"] * 5)
+
+
+def test_input_files_stay_under_max_bytes(tmp_path):
+    from fabrika.errors import FabrikaError
+
+    log: list[dict] = []
+    line = len(B.custom_id("q0", "k" * 64)) + 250  # about one request line
+    with batch_server(reply, log) as url:
+        got = _ask(url, tmp_path / B.STATE, tmp_path, max_bytes=2 * line)
+        assert [got[i][0].text for i in range(5)] == [reply(c) for c in CONVS]
+        assert [len(e["custom_ids"]) for e in log if e["op"] == "create"] == [2, 2, 1]
+        assert all(e["bytes"] <= 2 * line for e in log if e["op"] == "upload")
+        with pytest.raises(FabrikaError, match="over the 100 bytes a batch may hold"):
+            _ask(url, tmp_path / "other" / B.STATE, tmp_path / "other", max_bytes=100)
