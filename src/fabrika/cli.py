@@ -130,6 +130,27 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name
 
 
 @app.command()
+def batches(
+    run_dir: Path = typer.Argument(..., help="A run or stage directory."),
+    cancel: bool = typer.Option(False, "--cancel", help="Cancel every batch still in flight."),
+) -> None:
+    """Show the Batch API batches of a run (mode: batch), each with its state and counts; --cancel stops them."""
+    from fabrika.infer import batch
+
+    if not run_dir.is_dir():
+        raise FabrikaError(f"{run_dir}: no such directory (a run or stage directory)")
+    if cancel:
+        console.print(f"cancelled: {', '.join(batch.cancel(run_dir)) or 'nothing in flight'}")
+    found = batch.submissions(run_dir)
+    if not found:
+        console.print(f"no batches under {run_dir}")
+    for path, s in found:
+        c = s.counts
+        console.print(f"{s.batch_id or '(unconfirmed)'}  {s.status:<11} {c.get('completed', 0)}/"
+                      f"{c.get('total', len(s.custom_ids))} done, {c.get('failed', 0)} failed  {path.parent}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
     """Write the run's report: report.html (self-contained, with plots) and report.md."""
     from fabrika.report import build

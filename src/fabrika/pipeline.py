@@ -466,6 +466,8 @@ def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:
 
 def status_table(run_dir: str | Path) -> Table:
     """The state of every stage of a run directory, from what is on disk."""
+    from fabrika.infer.batch import in_flight_line
+
     spec, stages = read_run(run_dir)
     table = Table(title=f"run {spec['name']} ({run_dir})")
     for col in ("stage", "kind", "state", "duration", "metrics"):
@@ -480,6 +482,8 @@ def status_table(run_dir: str | Path) -> Table:
             metrics = "; ".join(damaged_outputs(s["dir"], m))[:80]
         elif state == "failed":
             metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
+        if flying := in_flight_line(s["dir"]):  # mode: batch
+            metrics = f"{metrics} {flying}".strip()
         colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow",
                   "stale": "yellow"}.get(state, "dim")
         table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)

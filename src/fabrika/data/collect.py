@@ -11,7 +11,8 @@ for is lost and the dataset equals an uninterrupted run's. Responses are also ca
 outside the stage directory: a stage restarted with other settings (a pipeline deletes its
 directory) gets back every answer it already paid for. A quota counts kept rows: answers the filters
 drop (data/filters.py) are made up for with more prompts from the same language's pool, within
-`max_requests`.
+`max_requests`. With `client: {mode: batch}` the requests go through OpenAI's Batch API at half the
+price (infer/batch.py): the same journal, and batches in flight resumed, never submitted twice.
 
 In preference mode each prompt gets k candidates from the teacher (and from a student, when one is
 named); a judge grades each with FastChat's single-answer prompt and the best and worst become
@@ -38,9 +39,9 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, check_conversation, detect_format, to_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.infer import batch
 from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
-from fabrika.infer.serve import ask_model
 
 JOURNAL = "journal.jsonl"
 
@@ -274,7 +275,8 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
 
     try:
         with Journal(journal) as log:
-            ask_model(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep)
+            batch.ask(ref, [_conv(cfg, p["messages"]) for p in todo], params, client, ctx.quiet, keep,
+                      state=ctx.stage_dir / batch.STATE, labels=[f"{kind}:{prompt_key(p)}" for p in todo])
     except FabrikaError as e:
         raise FabrikaError(f"collect: {e}\n{journaled[0]} answers of this run are safe in {journal}; "
                            "run the same command again to continue") from None
@@ -407,7 +409,8 @@ def _ask_per_answer(ctx: RunContext, kind: str, ref: str, jobs: list[tuple[dict,
         return
     params = GenerationParams(temperature=0.0, max_new_tokens=1024)
     with Journal(ctx.stage_dir / JOURNAL) as log:
-        ask_model(ctx.generator_ref(ref), [j[2] for j in jobs], params, client, ctx.quiet, keep)
+        batch.ask(ctx.generator_ref(ref), [j[2] for j in jobs], params, client, ctx.quiet, keep,
+                  state=ctx.stage_dir / batch.STATE, labels=[f"{kind}:{prompt_key(p)}:{key}" for p, key, _ in jobs])
     if failed:
         raise FabrikaError(f"collect: {len(failed)} of {len(jobs)} requests to {ref} failed (first: {failed[0]}); "
                            "the verdicts received are journaled; run the same command again for the rest")
@@ -608,7 +611,10 @@ def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
     out: dict[str, Any] = {"api_calls": first_draw(cfg) if n else "all rows", "_rows": n or 0}
     if n:  # ~200 prompt tokens, ~600 answer tokens per call on chat data like Tagengo
         worst = max_requests(cfg)  # every answer dropped until max_requests is spent
-        out["est_cost_usd"] = round(first_draw(cfg) * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        per_call = (200 * p_in + 600 * k * p_out) / 1e6 * (batch.BATCH_DISCOUNT if cfg.client.mode == "batch" else 1)
+        out["est_cost_usd"] = round(first_draw(cfg) * per_call, 2)
+        if cfg.client.mode == "batch":  # what the same requests would cost online
+            out["est_cost_online_usd"] = round(out["est_cost_usd"] / batch.BATCH_DISCOUNT, 2)
         out["api_calls_max"] = worst
-        out["est_cost_max_usd"] = round(worst * (200 * p_in + 600 * k * p_out) / 1e6, 2)
+        out["est_cost_max_usd"] = round(worst * per_call, 2)
     return out

@@ -5,7 +5,8 @@ Answers: both turns, the second conditioned on the model's own first answer, Fas
 per category, batched, appended to `<bench>/model_answer/<model_id>.jsonl` as they are produced.
 Judgments: FastChat's prompts (byte for byte), temperature 0, appended to
 `<bench>/model_judgment/<judge>_single.jsonl`; calls go through fabrika's client, so they are
-cached and retried, and a killed run picks up what is missing.
+cached and retried, and a killed run picks up what is missing; with `client: {mode: batch}` they go
+through OpenAI's Batch API at half the price (infer/batch.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
+from fabrika.infer import batch
 from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, OpenAIGenerator
 from fabrika.infer.client import RequestFailed
-from fabrika.infer.serve import ask_model
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
 
@@ -203,6 +204,12 @@ def judge_matches(questions: list[dict], answers: list[dict], refs: dict[int, di
     return matches
 
 
+def batch_state(judgments: Path) -> Path:
+    """Where judging in batch mode logs its batches: the bench's folder, beside (not in) model_judgment/,
+    whose *.jsonl files are FastChat's judgment files."""
+    return judgments.parent.parent / batch.STATE
+
+
 def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, client_options: dict[str, Any],
                 retries: int = 1, quiet: bool = True, max_tokens: int = 2048) -> None:
     """Grade `matches`, appending FastChat judgment rows to `out` as each grade arrives. A judgment
@@ -232,7 +239,9 @@ def run_judging(matches: list[dict], judge_ref: str, out: Path, model_id: str, c
                                 "judge": m["judge"].label, "user_prompt": m["messages"][1]["content"],
                                 "judgment": text, "score": score, "turn": m["turn"], "tstamp": time.time()}])
 
-        ask_model(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep)
+        labels = [f"{m['question']['question_id']}:{m['turn']}:{model_id}" for m in pending]
+        batch.ask(judge_ref, [m["messages"] for m in pending], params, client_options, quiet, keep,
+                  state=batch_state(out), labels=labels)
         pending = unrated
         if not pending:
             break
@@ -295,17 +304,22 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
                             "tstamp": time.time()}])
 
     params = GenerationParams(temperature=0.0, max_new_tokens=max_tokens)
-    ask_model(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep)
+    labels = [f"{m['question']['question_id']}:{m['turn']}:{m['model_1']}:{m['model_2']}:g{g}"
+              for m in matches for g in (1, 2)]
+    batch.ask(judge_ref, [game for m in matches for game in m["games"]], params, client_options, quiet, keep,
+              state=batch_state(out), labels=labels)
     if failed:
         raise FabrikaError(f"pairwise judging: {len(failed)} requests failed (first: {failed[0]}); the finished "
                            f"comparisons are in {out}; run the same command again for the rest")
 
 
-def estimate_judging(conversations: list[list[dict]], judge_model: str) -> dict[str, Any]:
+def estimate_judging(conversations: list[list[dict]], judge_model: str, batch: bool = False) -> dict[str, Any]:
+    """Judge calls and their cost, at the Batch API's price when `batch`."""
+    from fabrika.infer.batch import BATCH_DISCOUNT
     from fabrika.infer.client import DEFAULT_PRICES
 
     chars = sum(len(m["content"]) for conv in conversations for m in conv)
     p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
     prompt_tokens, answer_tokens = chars / 4, 300 * len(conversations)  # ~4 chars/token, ~300-token judgments
-    return {"judge_calls": len(conversations),
-            "est_cost_usd": round((prompt_tokens * p_in + answer_tokens * p_out) / 1e6, 2)}
+    cost = (prompt_tokens * p_in + answer_tokens * p_out) / 1e6 * (BATCH_DISCOUNT if batch else 1)
+    return {"judge_calls": len(conversations), "est_cost_usd": round(cost, 2)}

@@ -171,8 +171,15 @@ def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         judge_model = ctx.resolve_model(cfg.mtbench.judge).removeprefix("openai:").split("@")[0]
         from fabrika.infer.client import DEFAULT_PRICES
 
+        from fabrika.infer.batch import BATCH_DISCOUNT
+
         p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
-        out.update(judge_calls=n, est_judge_usd=round(n * (1500 * p_in + 300 * p_out) / 1e6, 2))
+        online = n * (1500 * p_in + 300 * p_out) / 1e6
+        if cfg.mtbench.client.mode == "batch":
+            out.update(judge_calls=n, est_judge_usd=round(online * BATCH_DISCOUNT, 2),
+                       est_judge_online_usd=round(online, 2))
+        else:
+            out.update(judge_calls=n, est_judge_usd=round(online, 2))
     return out
 
 
@@ -207,7 +214,7 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
             judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"
             done = {(r["question_id"], r["turn"]) for r in read_jsonl(judgment_file) if r.get("model") == model_id}
             matches = M.judge_matches(questions, answers, refs, judge_name, J.load_prompts(kind), done)
-            _say_cost(ctx, name, [m["messages"] for m in matches], judge_name, jref)
+            _say_cost(ctx, name, [m["messages"] for m in matches], judge_name, jref, p.client.mode)
             M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet,
                           max_tokens=p.judge_max_tokens)
             rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
@@ -222,10 +229,12 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
     return results
 
 
-def _say_cost(ctx: RunContext, bench: str, conversations: list[list[dict]], judge_name: str, jref: str) -> None:
-    est = M.estimate_judging(conversations, judge_name)
+def _say_cost(ctx: RunContext, bench: str, conversations: list[list[dict]], judge_name: str, jref: str,
+              mode: str = "online") -> None:
+    est = M.estimate_judging(conversations, judge_name, batch=mode == "batch")
     if not ctx.quiet:
-        print(f"{bench}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']})")
+        print(f"{bench}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']}"
+              f"{' at the batch price' if mode == 'batch' else ''})")
 
 
 def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: dict, answers: list[dict],
@@ -249,7 +258,8 @@ def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: di
     done = {(r["question_id"], r["turn"]) for r in read_jsonl(pair_file)
             if (r["model_1"], r["model_2"]) == (model_id, baseline_id)}
     matches = M.pair_matches(questions, answers, theirs, refs, judge_name, J.load_prompts(kind), done)
-    _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], judge_name, jref)
+    _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], judge_name, jref,
+              p.client.mode)
     M.run_pair_judging(matches, jref, pair_file, options, quiet=ctx.quiet, max_tokens=p.judge_max_tokens)
     rows = [r for r in read_jsonl(pair_file) if (r["model_1"], r["model_2"]) == (model_id, baseline_id)]
     c = summarise_pairs(rows).get(f"{model_id} vs {baseline_id}",

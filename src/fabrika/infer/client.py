@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 from pydantic import Field
 
@@ -36,7 +36,22 @@ DEFAULT_PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "gpt-4.1": 
 FATAL = {401: "the API key was rejected", 403: "access to this model is forbidden", 404: "no such model or endpoint"}
 
 
+class BatchSettings(Config):
+    """How `mode: batch` uses OpenAI's Batch API (infer/batch.py)."""
+
+    poll_s: float = Field(60.0, gt=0, description="Seconds between two looks at the batches in flight.")
+    max_requests: int = Field(50_000, ge=1, le=50_000, description="Requests per batch (OpenAI: 50,000 at most).")
+    max_bytes: int = Field(200_000_000, ge=1, le=200_000_000, description="Bytes of one batch's input file "
+                           "(OpenAI: 200 MB at most).")
+    retry: Literal["batch", "online", "none"] = Field("batch", description="Failed and expired requests are sent "
+                                                      "again in a new batch, online, or not at all.")
+    max_rounds: int = Field(3, ge=1, description="Times one request is sent at most in one run.")
+
+
 class ClientConfig(Config):
+    mode: Literal["online", "batch"] = Field("online", description="online: requests answered at once; batch: "
+                                             "through OpenAI's Batch API, at half the price, within 24 hours.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch API settings (mode: batch).")
     base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint.")
     api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                              description="Name of the environment variable holding the key (never the key).")
@@ -184,6 +199,27 @@ def price(config: ClientConfig, model: str, prompt: int, completion: int) -> flo
     return (prompt * p_in + completion * p_out) / 1e6
 
 
+def chat_body(model: str, messages: Messages, params: GenerationParams) -> dict[str, Any]:
+    """The JSON body of a chat completion request (online, or one line of a batch)."""
+    body: dict[str, Any] = dict(model=model, messages=messages, temperature=params.temperature,
+                                top_p=params.top_p, max_tokens=params.max_new_tokens, n=params.n)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.stop:
+        body["stop"] = params.stop
+    return body
+
+
+def completions(response: Any, cost: float) -> list[Completion]:
+    """A ChatCompletion as one Completion per choice; tokens and cost are counted on the first."""
+    usage = response.usage
+    prompt = usage.prompt_tokens if usage else 0
+    completion = usage.completion_tokens if usage else 0
+    return [Completion(c.message.content or "", c.finish_reason or "stop", prompt,
+                       completion if len(response.choices) == 1 else 0, cost if i == 0 else 0.0)
+            for i, c in enumerate(response.choices)]
+
+
 def _retry_after(err: Exception) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -220,12 +256,7 @@ class Client:
 
     async def _call(self, model: str, messages: Messages, params: GenerationParams) -> list[Completion]:
         cfg, o = self.config, self.openai
-        kwargs: dict[str, Any] = dict(model=model, messages=messages, temperature=params.temperature,
-                                      top_p=params.top_p, max_tokens=params.max_new_tokens, n=params.n)
-        if params.seed is not None:
-            kwargs["seed"] = params.seed
-        if params.stop:
-            kwargs["stop"] = params.stop
+        kwargs = chat_body(model, messages, params)
         estimate = sum(len(m["content"]) for m in messages) // 3 + params.max_new_tokens * params.n
         give_up = time.monotonic() + cfg.max_retry_s
         for attempt in range(cfg.max_retries + 1):
@@ -254,12 +285,8 @@ class Client:
             else:
                 self.reached = True
                 usage = r.usage
-                prompt = usage.prompt_tokens if usage else 0
-                completion = usage.completion_tokens if usage else 0
-                cost = price(cfg, model, prompt, completion)
-                return [Completion(c.message.content or "", c.finish_reason or "stop", prompt,
-                                   completion if len(r.choices) == 1 else 0, cost if i == 0 else 0.0)
-                        for i, c in enumerate(r.choices)]
+                return completions(r, price(cfg, model, usage.prompt_tokens if usage else 0,
+                                            usage.completion_tokens if usage else 0))
             delay = wait if wait is not None else min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt)
             delay *= 1 + random.random() * 0.25  # jitter: retries of many requests do not arrive together
             if attempt == cfg.max_retries or time.monotonic() + delay > give_up:
