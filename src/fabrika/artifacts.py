@@ -316,7 +316,7 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
         return None  # a manifest that is not whole counts as absent: the stage did not finish
 
 
-def stage_output(ref: str) -> str:
+def artifact_in_folder(ref: str) -> str:
     """The artifact a finished stage's folder names in its manifest, kept behind an `hf:`/`gguf:` prefix:
     `tok/` becomes `tok/tokenizer`, `hf:s/` becomes `hf:s/model`, `export/` its GGUF file; anything else
     comes back unchanged.
@@ -361,7 +361,7 @@ class RunContext:
         is returned unchanged."""
         if ref in self.inputs:
             return str(self.inputs[ref].path)
-        return stage_output(ref)
+        return artifact_in_folder(ref)
 
     def input_artifact(self, ref: str) -> Artifact | None:
         if ref in self.inputs:

@@ -64,6 +64,16 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return rows
 
 
+def _holds_work(out: Path) -> bool:
+    """Whether a stage folder holds anything paid for or computed. A failed first attempt (a wrong flag, a
+    teacher that was down) leaves only its fingerprint, logs and empty files: the retry with corrected
+    settings reuses the folder instead of being refused."""
+    from fabrika.pipeline import FAILED_FILE, FINGERPRINT_FILE
+
+    return any(p.is_file() and p.name not in (FINGERPRINT_FILE, FAILED_FILE) and p.suffix != ".log"
+               and p.stat().st_size > 0 for p in out.rglob("*"))
+
+
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
@@ -76,7 +86,7 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
     fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)
     fp_file = out / FINGERPRINT_FILE
-    if fp_file.exists() and fp_file.read_text().strip() != fp and any(p.name != FINGERPRINT_FILE for p in out.iterdir()):
+    if fp_file.exists() and fp_file.read_text().strip() != fp and _holds_work(out):
         raise FabrikaError(f"{out}: holds the output of a {kind} run with other settings; "
                            "choose another --out or delete it")
     fp_file.write_text(fp + "\n")
