@@ -38,3 +38,31 @@ def test_a_failed_first_attempt_does_not_block_the_retry(tmp_path):
         r = run_cli("collect", "-c", _config(tmp_path, url), "-o", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert len(list(read_jsonl(out / collect.JOURNAL))) == len(PROMPTS)
+
+
+def test_ctrl_c_says_how_to_continue_and_the_rerun_continues(tmp_path):
+    def slow(messages: list[dict]) -> str:
+        time.sleep(0.2)
+        return f"The answer to {messages[-1]['content']}"
+
+    out = tmp_path / "d"
+    journal = out / collect.JOURNAL
+    with scripted_server(slow) as url:
+        cfg = _config(tmp_path, url)
+        proc = subprocess.Popen([FABRIKA, "collect", "-c", cfg, "-o", str(out), "--quiet"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        deadline = time.time() + 120
+        while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "run the same command again" in err and "Aborted" not in err
+        assert "Traceback" not in err, err
+        before = [row["id"] for row in read_jsonl(journal)]
+        assert 2 <= len(before) < len(PROMPTS)
+
+        r = run_cli("collect", "-c", cfg, "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    after = [row["id"] for row in read_jsonl(journal)]
+    assert after[:len(before)] == before and sorted(after) == sorted(p["id"] for p in PROMPTS)

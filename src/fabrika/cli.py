@@ -402,6 +402,16 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
+def _interrupted(e: BaseException | None) -> bool:
+    """typer turns Ctrl-C inside a command into a silent `sys.exit(130)`: the KeyboardInterrupt is still in
+    the exception's chain, and fabrika answers it with its own message instead of none."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main() -> None:
     _register_phase_commands()
     _flags_without_type()
@@ -427,7 +437,9 @@ def main() -> None:
             f"[bold red]error:[/] no room on disk{where} ({escape(str(e))[:300]}). Nothing half-written counts "
             "as done: free some space and run the same command again to continue.", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not _interrupted(e):
+            raise
         Console(stderr=True, soft_wrap=True).print("[yellow]interrupted[/]: run the same command again to continue where it stopped")
         sys.exit(130)
 
