@@ -1,4 +1,5 @@
-"""A failed attempt never blocks the retry, and Ctrl-C ends with fabrika's own message and state saved."""
+"""A new user's first hour: a failed attempt never blocks the retry, Ctrl-C ends with fabrika's own message
+and state saved, and the collected folder loads with `datasets.load_dataset` like any Hub dataset."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def test_a_failed_first_attempt_does_not_block_the_retry(tmp_path):
         r = run_cli("collect", "-c", _config(tmp_path, url), "-o", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert len(list(read_jsonl(out / collect.JOURNAL))) == len(PROMPTS)
+
+    import datasets
+
+    kept = datasets.load_from_disk(str(out / "dataset")).to_list()
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf-cache"))  # journal and manifest beside it
+    assert list(loaded) == ["train"] and loaded["train"].to_list() == kept
+    assert (out / "sharegpt.jsonl").exists()
 
 
 def test_ctrl_c_says_how_to_continue_and_the_rerun_continues(tmp_path):
