@@ -112,6 +112,8 @@ def run(
     start: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and everything after it."),
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage even if cached (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without running."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs the --dry-run estimates assume "
+                                       "(default: the launcher's WORLD_SIZE, else 1)."),
     quiet: bool = QuietOpt,
     json_logs: bool = typer.Option(False, "--json-logs", help="Only JSON events on stdout (CI, clusters); "
                                    "stage output goes to run.log."),
@@ -120,6 +122,13 @@ def run(
     from fabrika.pipeline import load_pipeline, run_pipeline, status_table
     from fabrika.train.setup import is_main_process
 
+    if gpus is not None:
+        if not dry_run:
+            raise FabrikaError("--gpus sets the world size of --dry-run estimates; a run takes it from its launcher "
+                               "(torchrun / accelerate launch --num_processes N)")
+        import os
+
+        os.environ["WORLD_SIZE"] = str(gpus)
     pipe = load_pipeline(pipeline, set_)
     if json_logs:
         from fabrika.logs import json_logs_to_stdout
