@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from helpers import run_cli
+from helpers import run_cli, scripted_server
 
 
 def _sft_folder(tmp_path, chat_model):
@@ -47,3 +47,13 @@ def test_folder_with_nothing_loadable_says_what_was_looked_for(tmp_path):
     r = run_cli("prepare", str(tmp_path), "--tokenizer", str(empty), "--out", str(tmp_path / "shards"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tokenizer.json" in r.stderr and "manifest.json" in r.stderr
+
+
+def test_sft_folder_is_evaluated_and_named_after_the_folder(tmp_path, chat_model):
+    folder = _sft_folder(tmp_path, chat_model)
+    with scripted_server(lambda m: "Fine. Rating: [[6]]") as judge:
+        r = run_cli("eval", "mtbench", "--model", f"hf:{folder}/", "--bench", "mt_bench", "--questions", "1",
+                    "--judge", f"openai:judge@{judge}", "--out", str(tmp_path / "ev"), "--quiet",
+                    "--set", "mtbench.max_new_tokens=4")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ev" / "mt_bench" / "model_answer" / "s.jsonl").exists()
