@@ -44,3 +44,11 @@ def test_a_missing_input_names_the_file_and_the_setting_before_anything_runs(tmp
     r = run_cli("run", _pipeline(tmp_path / "q", stages), "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "stages.collect.source" in r.stderr, r.stderr
     assert "../prompts.jsonl" in r.stderr  # what to write instead
+
+
+def test_prompts_and_patterns_are_not_taken_for_paths(tmp_path):
+    stages = {"collect": {"source": "org/prompts", "teacher": "openai:m@http://127.0.0.1:9/v1",
+                          "system_prompt": "Answer briefly. Never attach a .txt", "refusal_patterns": ["^Sorry.*"],
+                          "quota": {"en": 2}}}
+    r = run_cli("run", _pipeline(tmp_path / "p", stages), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
