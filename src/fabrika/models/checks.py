@@ -37,7 +37,9 @@ def _local_dir(ref: str, setting: str, what: str) -> Path | None:
 
 def _not_a_stage(path: Path) -> str:
     """Why `path` did not stand for a stage's output: a stage folder counts once its manifest.json exists."""
-    if (path / ".fingerprint").is_file():
+    from fabrika.pipeline import FINGERPRINT_FILE
+
+    if (path / FINGERPRINT_FILE).is_file():
         return (f"; {path} is a stage folder whose stage has not finished (no manifest.json yet): run that "
                 "command again to finish it")
     return "; nor is it a finished fabrika stage's folder (no manifest.json naming its output)"
