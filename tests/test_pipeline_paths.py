@@ -52,3 +52,15 @@ def test_prompts_and_patterns_are_not_taken_for_paths(tmp_path):
                           "quota": {"en": 2}}}
     r = run_cli("run", _pipeline(tmp_path / "p", stages), "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_dry_run_warns_when_pretraining_repeats_a_finished_corpus(tmp_path, small_corpus, tiny_tokenizer, prepared):
+    """The prepare stage already ran: its token count, not an estimate, is what pretraining repeats."""
+    stages = {"pretrain": {"data": "prepare", "model": {"arch": "llama", "size": "tiny"}, "seq_len": 64,
+                           "train": {"max_steps": 10_000, "batch_size": 64}},
+              "prepare": {"tokenizer": str(tiny_tokenizer), "paths": [str(small_corpus)]}}
+    pipe = _pipeline(tmp_path / "p", stages)
+    shutil.copytree(prepared, tmp_path / "runs" / "rel" / "prepare")
+    r = run_cli("run", pipe, "--dry-run", "--only", "pretrain", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "repeats the" in " ".join(r.stdout.split())

@@ -9,7 +9,10 @@ time, since a provider's answer speed is what bounds it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from fabrika.artifacts import read_manifest
 
 REQUEST_S = 10.0  # one chat answer of ~600 tokens at ~60 tokens/s, as large API models answer
 REPEAT_WARNING = 4.0  # more epochs over a pretraining corpus than this, and the loss stops meaning much
@@ -33,10 +36,13 @@ def _api_hours(requests: Any, cfg: Any) -> float:
     return requests * REQUEST_S / _concurrency(cfg) / 3600 if isinstance(requests, int) else 0.0
 
 
-def repeated_corpus(estimates: dict[str, dict[str, Any]], data_stage: str, train_tokens: int) -> str | None:
-    """A warning when pretraining would go over its prepared corpus many times (tokens asked for
-    against the tokens the prepare stage is estimated to make)."""
+def repeated_corpus(estimates: dict[str, dict[str, Any]], data_stage: str, data_dir: Path | None,
+                    train_tokens: int) -> str | None:
+    """A warning when pretraining would go over its prepared corpus many times: the tokens asked for
+    against the tokens the prepare stage is estimated to make, or made when it has finished."""
     corpus = estimates.get(data_stage, {}).get("est_tokens")
+    if not corpus and data_dir is not None:
+        corpus = ((read_manifest(data_dir) or {}).get("metrics") or {}).get("train_tokens")
     if not corpus or train_tokens <= REPEAT_WARNING * corpus:
         return None
     return (f"pretraining on {train_tokens:,} tokens repeats the ~{corpus:,}-token corpus of {data_stage!r} "

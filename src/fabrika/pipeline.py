@@ -440,7 +440,9 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
                              seed=pipe.cfg.seed, models=pipe.cfg.models, quiet=True, estimates=estimates)
             estimates[stage.name] = stage.module.estimate(stage.cfg, ctx)
             if stage.kind == "pretrain" and "train_tokens" in estimates[stage.name]:
-                warning = dry_run.repeated_corpus(estimates, stage.cfg.data, estimates[stage.name]["train_tokens"])
+                data_dir = pipe.stage_dir(stage.cfg.data) if stage.cfg.data in stage.deps else None
+                warning = dry_run.repeated_corpus(estimates, stage.cfg.data, data_dir,
+                                                  estimates[stage.name]["train_tokens"])
                 warnings += [f"{stage.name}: {warning}"] if warning else []
             estimate = _format_estimate({k: v for k, v in estimates[stage.name].items() if not k.startswith("_")},
                                         sep="\n")
