@@ -121,7 +121,8 @@ def test_bad_pipelines(tmp_path, small_corpus):
     check(lambda s: s.update(stages={}), "no stages")
     check(lambda s: s["stages"]["pretrain"].update(data="prepar"), "'prepar' is not a stage of this pipeline")
     check(lambda s: s["stages"]["pretrain"].update(data="prepar"), "did you mean 'prepare'")
-    check(lambda s: s["stages"].update(tok={"kind": "prepare", "tokenizer": "prepare", "paths": ["x"]}), "cycle")
+    check(lambda s: s["stages"].update(tok={"kind": "prepare", "tokenizer": "prepare", "paths": [str(small_corpus)]}),
+          "cycle")
     r = run_cli("run", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
 

@@ -316,6 +316,24 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
         return None  # a manifest that is not whole counts as absent: the stage did not finish
 
 
+def artifact_in_folder(ref: str) -> str:
+    """The artifact a finished stage's folder names in its manifest, kept behind an `hf:`/`gguf:` prefix:
+    `tok/` becomes `tok/tokenizer`, `hf:s/` becomes `hf:s/model`, `export/` its GGUF file; anything else
+    comes back unchanged.
+
+    Every model, tokenizer and dataset input passes through here (RunContext.resolve and parse_ref), so the
+    folder one command was given as --out is what the next command takes, as a user would write it.
+    """
+    prefix, sep, rest = ref.partition(":")
+    prefix, target = (prefix + sep, rest) if sep and prefix in ("hf", "gguf") else ("", ref)
+    folder = Path(target).expanduser()
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    path = str((manifest or {}).get("artifact", {}).get("path", "."))
+    if path == ".":
+        return ref
+    return prefix + str(folder / path)
+
+
 @dataclass
 class RunContext:
     """Where a stage writes, what it reads, and which seed it uses.
@@ -339,10 +357,11 @@ class RunContext:
         self.stage_dir = Path(self.stage_dir)
 
     def resolve(self, ref: str) -> str:
-        """A stage name becomes its artifact's path; a path or Hub id is returned unchanged."""
+        """A stage name or a finished stage's folder becomes its artifact's path; another path or a Hub id
+        is returned unchanged."""
         if ref in self.inputs:
             return str(self.inputs[ref].path)
-        return ref
+        return artifact_in_folder(ref)
 
     def input_artifact(self, ref: str) -> Artifact | None:
         if ref in self.inputs:

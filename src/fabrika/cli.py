@@ -64,6 +64,16 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return rows
 
 
+def _holds_work(out: Path) -> bool:
+    """Whether a stage folder holds anything paid for or computed. A failed first attempt (a wrong flag, a
+    teacher that was down) leaves only its fingerprint, logs and empty files: the retry with corrected
+    settings reuses the folder instead of being refused."""
+    from fabrika.pipeline import FAILED_FILE, FINGERPRINT_FILE
+
+    return any(p.is_file() and p.name not in (FINGERPRINT_FILE, FAILED_FILE) and p.suffix != ".log"
+               and p.stat().st_size > 0 for p in out.rglob("*"))
+
+
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
@@ -76,7 +86,7 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
     fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)
     fp_file = out / FINGERPRINT_FILE
-    if fp_file.exists() and fp_file.read_text().strip() != fp and any(p.name != FINGERPRINT_FILE for p in out.iterdir()):
+    if fp_file.exists() and fp_file.read_text().strip() != fp and _holds_work(out):
         raise FabrikaError(f"{out}: holds the output of a {kind} run with other settings; "
                            "choose another --out or delete it")
     fp_file.write_text(fp + "\n")
@@ -102,6 +112,8 @@ def run(
     start: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and everything after it."),
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage even if cached (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without running."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs the --dry-run estimates assume "
+                                       "(default: the launcher's WORLD_SIZE, else 1)."),
     quiet: bool = QuietOpt,
     json_logs: bool = typer.Option(False, "--json-logs", help="Only JSON events on stdout (CI, clusters); "
                                    "stage output goes to run.log."),
@@ -110,6 +122,13 @@ def run(
     from fabrika.pipeline import load_pipeline, run_pipeline, status_table
     from fabrika.train.setup import is_main_process
 
+    if gpus is not None:
+        if not dry_run:
+            raise FabrikaError("--gpus sets the world size of --dry-run estimates; a run takes it from its launcher "
+                               "(torchrun / accelerate launch --num_processes N)")
+        import os
+
+        os.environ["WORLD_SIZE"] = str(gpus)
     pipe = load_pipeline(pipeline, set_)
     if json_logs:
         from fabrika.logs import json_logs_to_stdout
@@ -442,6 +461,16 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
+def _interrupted(e: BaseException | None) -> bool:
+    """typer turns Ctrl-C inside a command into a silent `sys.exit(130)`: the KeyboardInterrupt is still in
+    the exception's chain, and fabrika answers it with its own message instead of none."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main() -> None:
     _register_phase_commands()
     _flags_without_type()
@@ -467,7 +496,9 @@ def main() -> None:
             f"[bold red]error:[/] no room on disk{where} ({escape(str(e))[:300]}). Nothing half-written counts "
             "as done: free some space and run the same command again to continue.", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not _interrupted(e):
+            raise
         Console(stderr=True, soft_wrap=True).print("[yellow]interrupted[/]: run the same command again to continue where it stopped")
         sys.exit(130)
 

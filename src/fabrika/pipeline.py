@@ -37,6 +37,7 @@ from fabrika.config import Config, apply_overrides, interpolate, load_yaml, vali
 from fabrika.errors import FabrikaError
 from fabrika.logs import event, stage_output
 from fabrika.ranks import JOIN, NEXT, Ranks
+from fabrika.relative_paths import rebase
 
 # Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
 STAGES: dict[str, str] = {
@@ -148,6 +149,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise FabrikaError(f"{source}: name: {cfg.name!r} would name the run directory runs/<name>, so it may hold only "
                            "letters, digits, '_', '-' and '.' (or set run_dir)")
     run_dir = Path(cfg.run_dir or f"runs/{cfg.name}")
+    folder, names = Path(path).parent, set(cfg.stages) | set(cfg.models)
+    cfg.models = {k: rebase(v, folder, names, source, f"models.{k}") for k, v in cfg.models.items()}
 
     parsed: dict[str, Stage] = {}
     for name, raw in cfg.stages.items():
@@ -156,6 +159,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             raise FabrikaError(f"{source}: stages.{name}: expected a mapping of settings, got {type(raw).__name__}")
         raw = dict(raw)
         kind = raw.pop("kind", name)
+        raw = rebase(raw, folder, names, source, f"stages.{name}")
         try:
             module = stage_module(kind)
         except FabrikaError as e:
@@ -415,11 +419,15 @@ def _attach_run_log(run_dir: Path) -> logging.Handler:
 
 def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Console) -> None:
     """What a run would do, validated but without running: stage, state, inputs and estimates."""
-    table = Table(title=f"pipeline {pipe.cfg.name} (dry run) → {pipe.run_dir}")
+    from fabrika import dry_run
+
+    table = Table(title=f"pipeline {pipe.cfg.name} (dry run) → {pipe.run_dir}; estimates for {dry_run.gpus()} GPU(s) "
+                        "(WORLD_SIZE or --gpus)")
     for col in ("stage", "kind", "inputs", "action"):
         table.add_column(col)
     table.add_column("estimate", overflow="fold", ratio=1)
     estimates: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
     for stage in pipe.stages:
         state = stage_state(pipe, stage)
         if stage.name not in selected:
@@ -437,10 +445,18 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
             ctx = RunContext(stage=stage.name, kind=stage.kind, stage_dir=pipe.stage_dir(stage.name),
                              seed=pipe.cfg.seed, models=pipe.cfg.models, quiet=True, estimates=estimates)
             estimates[stage.name] = stage.module.estimate(stage.cfg, ctx)
+            if stage.kind == "pretrain" and "train_tokens" in estimates[stage.name]:
+                data_dir = pipe.stage_dir(stage.cfg.data) if stage.cfg.data in stage.deps else None
+                warning = dry_run.repeated_corpus(estimates, stage.cfg.data, data_dir,
+                                                  estimates[stage.name]["train_tokens"])
+                warnings += [f"{stage.name}: {warning}"] if warning else []
             estimate = _format_estimate({k: v for k, v in estimates[stage.name].items() if not k.startswith("_")},
                                         sep="\n")
         table.add_row(stage.name, stage.kind, ", ".join(stage.refs), action, estimate)
     console.print(table)
+    for warning in warnings:
+        console.print(f"[yellow]warning[/]: {warning}")
+    console.print(dry_run.totals([s for s in pipe.stages if s.name in estimates], estimates))
 
 
 def _format_estimate(est: dict[str, Any], sep: str = ", ") -> str:

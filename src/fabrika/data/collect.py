@@ -569,10 +569,17 @@ def _print_summary(summary: dict[str, dict], quiet: bool) -> None:
     Console().print(table)
 
 
+def _card_configs() -> list[str]:
+    """The card's `configs:` front matter, naming the data file, so `datasets.load_dataset(FOLDER)` (and the
+    Hub viewer) reads the rows from data.parquet and never tries the journal, the manifest, the ShareGPT
+    copy or the Arrow copy beside it (one folder's configs share one file format, hence Parquet alone)."""
+    return ["configs:", "- config_name: default", "  data_files:", "  - split: train", "    path: data.parquet"]
+
+
 def _card(cfg: CollectConfig, summary: dict[str, dict], rows: int, stats: dict[str, Any], examples: dict) -> str:
     """The dataset card: what was asked and kept per language, and what each filter threw away, with
     three examples per language and filter so a user can judge the filters on their own data."""
-    lines = ["---", "license: other", "tags: [fabrika, distillation]", "---", "",
+    lines = ["---", "license: other", "tags: [fabrika, distillation]", *_card_configs(), "---", "",
              f"# Distilled dataset from {cfg.source}", "",
              f"Answers by `{cfg.teacher}` (temperature {cfg.temperature}, max {cfg.max_tokens} tokens), "
              f"filters: {', '.join(cfg.filters)}. {rows} rows. Made with fabrika.", "",

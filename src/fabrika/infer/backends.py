@@ -21,6 +21,7 @@ from typing import Any, Generator as Steps, Protocol
 
 from pydantic import Field
 
+from fabrika.artifacts import artifact_in_folder
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
@@ -361,7 +362,9 @@ BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
-    """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path."""
+    """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path; a finished stage's
+    folder (`s/` from `fabrika sft --out s/`) stands for the model in it."""
+    ref = artifact_in_folder(ref)
     kind, sep, target = ref.partition(":")
     if sep and (kind in BACKENDS or kind == "vllm"):
         return kind, target

@@ -35,6 +35,16 @@ def _local_dir(ref: str, setting: str, what: str) -> Path | None:
     return path
 
 
+def _not_a_stage(path: Path) -> str:
+    """Why `path` did not stand for a stage's output: a stage folder counts once its manifest.json exists."""
+    from fabrika.pipeline import FINGERPRINT_FILE
+
+    if (path / FINGERPRINT_FILE).is_file():
+        return (f"; {path} is a stage folder whose stage has not finished (no manifest.json yet): run that "
+                "command again to finish it")
+    return "; nor is it a finished fabrika stage's folder (no manifest.json naming its output)"
+
+
 def check_model_dir(ref: str, setting: str) -> None:
     """A local model (or adapter) directory must have a config.json that names its architecture."""
     path = _local_dir(ref, setting, "model")
@@ -43,7 +53,7 @@ def check_model_dir(ref: str, setting: str) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise FabrikaError(f"{setting}: {ref} is not a model directory: it has no config.json ({SAVED}: "
-                           "config.json, the weights and the tokenizer)")
+                           "config.json, the weights and the tokenizer)" + _not_a_stage(path))
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -58,4 +68,5 @@ def check_tokenizer_dir(ref: str, setting: str) -> None:
     path = _local_dir(ref, setting, "tokenizer")
     if path is not None and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise FabrikaError(f"{setting}: {ref} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected "
-                           "a directory written by `fabrika tokenizer` or save_pretrained, or a Hub id")
+                           "a folder written by `fabrika tokenizer --out`, save_pretrained, or a Hub id"
+                           + _not_a_stage(path))
