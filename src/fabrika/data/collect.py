@@ -68,7 +68,7 @@ class CollectConfig(Config):
     prompt_field: str = Field("prompt", description="Column of a plain-prompt source.")
     id_field: str | None = Field(None, description="Column with a stable row id (default: conversation_id/id/row).")
     language_field: str | None = Field("language", description="Column with the language; detected when absent.")
-    quota: dict[str, int] | None = Field(None, description="Kept rows per language, e.g. {ru: 1000, en: 1000}: "
+    quota: dict[str, int] | None = Field(None, description="Kept rows per language, e.g. {ru: 1000, en: 1000} (ru=1000,en=1000 on the command line): "
                                         "prompts are drawn until that many answers pass the filters.")
     max_requests: int | None = Field(None, ge=1, description="Most prompts sent to the teacher while filling the "
                                      "quotas (default: 1.5x the prompts they need if nothing is dropped).")
