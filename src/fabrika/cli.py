@@ -99,6 +99,10 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
     from fabrika.pipeline import FINGERPRINT_FILE, stage_module
 
     module = stage_module(kind)
+    if quiet:
+        from fabrika.logs import quiet_libraries
+
+        quiet_libraries()
     cfg = load(module.CONFIG, config, flags=flags, overrides=overrides)
     fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,9 @@ def run(
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage even if cached (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without running."),
     quiet: bool = QuietOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every library's output (bars, logs, "
+                                 "warnings) on screen too; without it a terminal shows one line per stage "
+                                 "and the rest goes to run.log."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Only JSON events on stdout (CI, clusters); "
                                    "stage output goes to run.log."),
 ) -> None:
@@ -143,7 +150,7 @@ def run(
 
         json_logs_to_stdout()
     run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console,
-                 json_logs=json_logs)
+                 json_logs=json_logs, verbose=verbose)
     if not dry_run and not json_logs and is_main_process():
         console.print(status_table(pipe.run_dir))
 

@@ -356,7 +356,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     args = setup.trainer_arguments(
         cfg.train, out, precision, ctx.seed, cls=TRLConfig,
         max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
-        eos_token=eot, pad_token=tokenizer.pad_token, neftune_noise_alpha=cfg.neftune_alpha,
+        eos_token=eot, neftune_noise_alpha=cfg.neftune_alpha,  # the pad token: the tokenizer's own
         dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
         **({} if eval_ds is not None else {"eval_strategy": "no"}))
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
