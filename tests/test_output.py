@@ -13,6 +13,8 @@ import struct
 import subprocess
 import termios
 
+import pytest
+
 from helpers import FABRIKA, REPO, run_cli, write_jsonl
 from test_pipeline import write_pipeline
 
@@ -41,6 +43,7 @@ def run_on_terminal(*args: str, timeout: int = 300) -> tuple[int, str]:
     return proc.wait(timeout=timeout), ANSI.sub("", shown.decode("utf-8", "replace"))
 
 
+@pytest.mark.slow  # two pipeline runs, about a minute each on two busy cores
 def test_terminal_shows_fabrika_lines_and_run_log_keeps_the_rest(tmp_path, small_corpus):
     path = write_pipeline(tmp_path, small_corpus)
     rc, shown = run_on_terminal("run", str(path))

@@ -25,7 +25,8 @@ if not console.is_terminal and console.width < 120:  # logs and CI: tables of nu
     console = Console(width=120)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
-SetOpt = typer.Option(None, "--set", help="Override a setting: --set train.lr=1e-4 (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a setting, any key of docs/configuration.md: --set KEY=VALUE, "
+                      "nested keys dotted (train.lr=1e-4 in a training stage) (repeatable).")
 OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (resumes if it exists).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 _FROM_CONFIG = re.compile(r"^@(\w+):([\w.]+)$")
