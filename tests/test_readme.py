@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import FABRIKA, REPO, scripted_server
-
-pytestmark = pytest.mark.slow
+from helpers import FABRIKA, REPO, run_cli, scripted_server
 
 
 def readme_commands() -> list[str]:
@@ -55,6 +53,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # about two and a half minutes on two busy cores
 def test_readme_commands_run(tmp_path, small_corpus, chat_model):
     commands = readme_commands()
     assert len(commands) > 20 and commands[0].startswith("fabrika run PIPELINE.yaml")
@@ -113,3 +112,15 @@ def check_serve(run: str, cwd: Path, env: dict) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_help_examples_run():
+    """The examples written in backquotes in `fabrika plan --help` run as written (with the data size
+    a plan needs)."""
+    shown = run_cli("plan", "--help", env={"COLUMNS": "400"})
+    examples = re.findall(r"`(--[^`]+)`", shown.stdout)
+    assert "--arch mixtral --size 8x7b" in examples and "--tokens 20e9" in examples
+    for example in examples:
+        extra = [] if "--tokens" in example or example == "--size list" else ["--tokens", "20e9"]
+        r = run_cli("plan", *example.split(), *extra)
+        assert r.returncode == 0, f"fabrika plan {example}: {r.stderr}"

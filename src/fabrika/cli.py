@@ -373,10 +373,11 @@ def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folder
 @app.command()
 def plan(
     arch: str = typer.Option("llama", help="Architecture: llama, mistral, mixtral, qwen2 or gpt2."),
-    size: str = typer.Option("8b", help="Size preset, e.g. 8b, 70b, 8x7b; `--size list` shows them all."),
+    size: str = typer.Option("8b", help="Size preset of --arch, e.g. `--size 70b`, `--arch mixtral --size 8x7b`; "
+                            "`--size list` shows them all."),
     model: Optional[str] = typer.Option(None, help="A HF model dir, its config.json, or a Hub id instead of "
                                         "arch/size."),
-    tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. 20e9."),
+    tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. `--tokens 20e9`."),
     data_gb: Optional[float] = typer.Option(None, help="Or: GB of raw text (converted at --bytes-per-token)."),
     bytes_per_token: float = typer.Option(4.0, help="Bytes of raw text per token, for --data-gb."),
     gpu: str = typer.Option("h100", help="GPU type."),
