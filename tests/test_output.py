@@ -14,8 +14,9 @@ import subprocess
 import termios
 
 import pytest
+import yaml
 
-from helpers import FABRIKA, REPO, run_cli, write_jsonl
+from helpers import FABRIKA, REPO, run_cli, scripted_server, write_jsonl
 from test_pipeline import write_pipeline
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -75,3 +76,18 @@ def test_quiet_means_no_bar_anywhere(tmp_path, small_corpus, chat_model):
                 "--set", "train.batch_size=2", "--set", "train.eval_steps=null", "--set", "eval_fraction=0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not [b for b in bars if b in r.stdout + r.stderr], (r.stdout + r.stderr)[-3000:]
+
+
+def test_what_fabrika_says_inside_a_stage_stays_on_screen(tmp_path):
+    """A stage's own notes (rows skipped, why it stopped) are shown above the live line, not only in run.log."""
+    rows = [{"messages": [{"role": "user", "content": f"Сколько будет {i}+{i}? “быстро”"}]} for i in range(6)]
+    rows.append({"messages": [{"role": "alien", "content": "??"}]})
+    source = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with scripted_server(lambda messages: "Ответ: четыре.") as url:
+        spec = {"name": "c", "run_dir": str(tmp_path / "run"),
+                "stages": {"collect": {"source": str(source), "teacher": f"openai:m@{url}", "filters": ["empty"]}}}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+        rc, shown = run_on_terminal("run", str(path))
+    assert rc == 0, shown[-3000:]
+    assert "skipped 1 malformed rows" in shown and "✓ collect: done" in shown and "kept=" in shown, shown[-3000:]

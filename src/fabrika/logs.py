@@ -131,6 +131,14 @@ def progress(*columns: str | ProgressColumn, disable: bool = False) -> Progress:
                     redirect_stdout=False, redirect_stderr=False)
 
 
+def say(line: str) -> None:
+    """A line of fabrika's own from inside a stage (rows skipped, a quota not met): a person must see
+    it, so during a live line it is shown above it as well as kept in run.log."""
+    print(line)  # run.log (and the terminal, when there is no live line)
+    if _live is not None:
+        _live[0].print(line, highlight=False, markup=False)
+
+
 @contextmanager
 def stage_output(run_log: Path, stage: str, mute: bool = False, live_line: bool = False) -> Iterator[None]:
     """Copy what the stage writes to stdout/stderr into run_log (prefixed with the stage name).

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from fabrika import logs
 from fabrika.artifacts import Artifact, Journal, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
@@ -307,7 +308,7 @@ def duplicate_ids(prompts: list[dict], say=print) -> int:
 
 def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.source)
-    say = (lambda m: None) if ctx.quiet else print
+    say = (lambda m: None) if ctx.quiet else logs.say
     pools, stats = sample_prompts(cfg, source, say)
     client = {"cache_dir": str(default_cache_dir()), **cfg.client.model_dump(exclude_unset=True)}
     prompts, stats["stop"] = fill_quotas(cfg, ctx, pools, client)

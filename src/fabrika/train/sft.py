@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from fabrika import logs
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data.formats import convert_rows
@@ -119,7 +120,7 @@ def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list
         good, bad = convert_rows(iter_rows(ref, src.split), src.format)
         if bad:
             shown = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
-            print(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
+            logs.say(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
         if not good:
             raise FabrikaError(f"sft.data: {ref} has no usable conversation ({len(bad)} rows malformed; first: "
                                f"{f'row {bad[0][0]}: {bad[0][1]}' if bad else 'the dataset is empty'})")
