@@ -25,9 +25,37 @@ if not console.is_terminal and console.width < 120:  # logs and CI: tables of nu
     console = Console(width=120)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
-SetOpt = typer.Option(None, "--set", help="Override a setting: --set train.lr=1e-4 (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a setting, any key of docs/configuration.md: --set KEY=VALUE, "
+                      "nested keys dotted (train.lr=1e-4 in a training stage) (repeatable).")
 OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (resumes if it exists).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+_FROM_CONFIG = re.compile(r"^@(\w+):([\w.]+)$")
+
+
+def described(kind: str, key: str) -> str:
+    """Help text of an option that sets the config key `key` of stage `kind`: the field's own
+    description, as in docs/configuration.md. Read when help is shown, so that `fabrika --help` does
+    not import every stage module."""
+    return f"@{kind}:{key}"
+
+
+def _help_from_config() -> None:
+    from typer.core import TyperArgument, TyperOption
+
+    def get(self) -> str | None:
+        m = _FROM_CONFIG.match(self._help or "")
+        if not m:
+            return self._help
+        from fabrika.docs import field_help
+        from fabrika.pipeline import stage_module
+
+        return field_help(stage_module(m.group(1)).CONFIG, m.group(2))
+
+    def put(self, value: str | None) -> None:
+        self._help = value
+
+    for cls in (TyperArgument, TyperOption):
+        cls.help = property(get, put)
 
 
 def _version(show: bool) -> None:
@@ -82,6 +110,10 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
     from fabrika.pipeline import FINGERPRINT_FILE, stage_module
 
     module = stage_module(kind)
+    if quiet:
+        from fabrika.logs import quiet_libraries
+
+        quiet_libraries()
     cfg = load(module.CONFIG, config, flags=flags, overrides=overrides)
     fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +147,9 @@ def run(
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs the --dry-run estimates assume "
                                        "(default: the launcher's WORLD_SIZE, else 1)."),
     quiet: bool = QuietOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every library's output (bars, logs, "
+                                 "warnings) on screen too; without it a terminal shows one line per stage "
+                                 "and the rest goes to run.log."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Only JSON events on stdout (CI, clusters); "
                                    "stage output goes to run.log."),
 ) -> None:
@@ -135,7 +170,7 @@ def run(
 
         json_logs_to_stdout()
     run_pipeline(pipe, only=only, start=start, force=force, dry_run=dry_run, quiet=quiet, console=console,
-                 json_logs=json_logs)
+                 json_logs=json_logs, verbose=verbose)
     if not dry_run and not json_logs and is_main_process():
         console.print(status_table(pipe.run_dir))
 
@@ -180,10 +215,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name
 
 @app.command()
 def collect(
-    source: Optional[str] = typer.Option(None, "--source", help="Hub dataset id or local file/dir."),
-    quota: Optional[str] = typer.Option(None, "--quota", help="Kept rows per language: ru=1000,en=1000,zh=1000."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="openai:gpt-4o, openai:M@URL, hf:DIR, ..."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight."),
+    source: Optional[str] = typer.Option(None, "--source", help=described("collect", "source")),
+    quota: Optional[str] = typer.Option(None, "--quota", help=described("collect", "quota")),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=described("collect", "teacher")),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help=described("collect", "client.concurrency")),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Build an instruction (or preference) dataset by distillation from a teacher; resumable."""
@@ -194,9 +229,9 @@ def collect(
 
 @app.command()
 def tokenizer(
-    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders or globs."),
-    dataset: Optional[str] = typer.Option(None, help="Hub dataset id (streamed) instead of files."),
-    vocab_size: Optional[int] = typer.Option(None, help="Vocabulary size."),
+    paths: Optional[list[str]] = typer.Argument(None, help=described("tokenizer", "paths")),
+    dataset: Optional[str] = typer.Option(None, help=described("tokenizer", "dataset")),
+    vocab_size: Optional[int] = typer.Option(None, help=described("tokenizer", "vocab_size")),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Train a byte-level BPE tokenizer with a chat template."""
@@ -206,10 +241,10 @@ def tokenizer(
 
 @app.command()
 def prepare(
-    paths: Optional[list[str]] = typer.Argument(None, help="Text files, folders or globs."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer dir or Hub id."),
-    dataset: Optional[str] = typer.Option(None, help="Hub dataset id (streamed) instead of files."),
-    shard_mb: Optional[float] = typer.Option(None, help="Shard size in MB."),
+    paths: Optional[list[str]] = typer.Argument(None, help=described("prepare", "paths")),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help=described("prepare", "tokenizer")),
+    dataset: Optional[str] = typer.Option(None, help=described("prepare", "dataset")),
+    shard_mb: Optional[float] = typer.Option(None, help=described("prepare", "shard_mb")),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Turn raw text into token shards for pretraining (streamed, resumable)."""
@@ -219,11 +254,11 @@ def prepare(
 
 @app.command()
 def pretrain(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prepared data directory."),
-    arch: Optional[str] = typer.Option(None, help="llama, mistral, mixtral, qwen2 or gpt2."),
-    size: Optional[str] = typer.Option(None, help="tiny, 125m, 350m, 1b, 3b or 8b."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=described("pretrain", "data")),
+    arch: Optional[str] = typer.Option(None, help=described("pretrain", "model.arch")),
+    size: Optional[str] = typer.Option(None, help=described("pretrain", "model.size")),
+    seq_len: Optional[int] = typer.Option(None, help=described("pretrain", "seq_len")),
+    max_steps: Optional[int] = typer.Option(None, help=described("pretrain", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -236,12 +271,12 @@ def pretrain(
 
 @app.command()
 def sft(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: dir, hf:ID or Hub id."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Chat data: dataset dir, file or Hub id."),
-    method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
-    template: Optional[str] = typer.Option(None, help="chatml, llama3, mistral or tokenizer."),
-    epochs: Optional[float] = typer.Option(None, help="Epochs."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides epochs)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=described("sft", "model")),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=described("sft", "data")),
+    method: Optional[str] = typer.Option(None, help=described("sft", "method")),
+    template: Optional[str] = typer.Option(None, help=described("sft", "template")),
+    epochs: Optional[float] = typer.Option(None, help=described("sft", "train.epochs")),
+    max_steps: Optional[int] = typer.Option(None, help=described("sft", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -253,11 +288,11 @@ def sft(
 
 @app.command()
 def prefer(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (usually an sft output)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="prompt/chosen/rejected pairs."),
-    loss: Optional[str] = typer.Option(None, help="dpo, ipo, orpo or simpo."),
-    method: Optional[str] = typer.Option(None, help="full or lora."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=described("prefer", "model")),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=described("prefer", "data")),
+    loss: Optional[str] = typer.Option(None, help=described("prefer", "loss")),
+    method: Optional[str] = typer.Option(None, help=described("prefer", "method")),
+    max_steps: Optional[int] = typer.Option(None, help=described("prefer", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -298,9 +333,9 @@ def rl(
 
 @app.command()
 def export(
-    model: Optional[str] = typer.Argument(None, help="Model or adapter directory, a stage output, or Hub id."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Comma-separated types, e.g. q4_k_m,q8_0,f16."),
-    imatrix: Optional[str] = typer.Option(None, "--imatrix", help="Calibration text for an importance matrix."),
+    model: Optional[str] = typer.Argument(None, help=described("export", "model")),
+    quant: Optional[str] = typer.Option(None, "--quant", help=described("export", "quant")),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", help=described("export", "imatrix")),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Convert to GGUF for llama.cpp, quantize, and verify against the original."""
@@ -313,17 +348,14 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("mtbench")
 def eval_mtbench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="hf:DIR, gguf:FILE or openai:MODEL@URL."),
-    bench: Optional[list[str]] = typer.Option(None, "--bench", help="mt_bench, ru_mt_bench, ru_mt_bench_50, "
-                                                                   "zh_mt_bench, or a question file (repeatable)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Judge: openai:gpt-4o, openai:M@URL, hf:DIR."),
-    answers: Optional[str] = typer.Option(None, "--answers", help="Judge this answer file instead of generating."),
-    questions: Optional[int] = typer.Option(None, "--questions", help="Only the first N questions."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="Name in the answer/judgment files "
-                                           "(default: the model's directory, file or Hub id)."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model or answer file "
-                                           "(pairwise; implies --mode pairwise unless --mode both)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise or both."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=described("evaluate", "model")),
+    bench: Optional[list[str]] = typer.Option(None, "--bench", help=described("evaluate", "mtbench.bench")),
+    judge: Optional[str] = typer.Option(None, "--judge", help=described("evaluate", "mtbench.judge")),
+    answers: Optional[str] = typer.Option(None, "--answers", help=described("evaluate", "mtbench.answers")),
+    questions: Optional[int] = typer.Option(None, "--questions", help=described("evaluate", "mtbench.questions")),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help=described("evaluate", "model_id")),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help=described("evaluate", "mtbench.baseline")),
+    mode: Optional[str] = typer.Option(None, "--mode", help=described("evaluate", "mtbench.mode")),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Generate MT-Bench answers and grade them with an LLM judge (FastChat-compatible files)."""
@@ -410,10 +442,11 @@ def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folder
 @app.command()
 def plan(
     arch: str = typer.Option("llama", help="Architecture: llama, mistral, mixtral, qwen2 or gpt2."),
-    size: str = typer.Option("8b", help="Size preset, e.g. 8b, 70b, 8x7b; `--size list` shows them all."),
+    size: str = typer.Option("8b", help="Size preset of --arch, e.g. `--size 70b`, `--arch mixtral --size 8x7b`; "
+                            "`--size list` shows them all."),
     model: Optional[str] = typer.Option(None, help="A HF model dir, its config.json, or a Hub id instead of "
                                         "arch/size."),
-    tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. 20e9."),
+    tokens: Optional[float] = typer.Option(None, help="Training tokens, e.g. `--tokens 20e9`."),
     data_gb: Optional[float] = typer.Option(None, help="Or: GB of raw text (converted at --bytes-per-token)."),
     bytes_per_token: float = typer.Option(4.0, help="Bytes of raw text per token, for --data-gb."),
     gpu: str = typer.Option("h100", help="GPU type."),
@@ -474,6 +507,7 @@ def _interrupted(e: BaseException | None) -> bool:
 def main() -> None:
     _register_phase_commands()
     _flags_without_type()
+    _help_from_config()
 
     try:
         app()

@@ -35,7 +35,7 @@ from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, damaged_
                                path_fingerprint, read_json, read_manifest)
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError
-from fabrika.logs import event, stage_output
+from fabrika.logs import event, quiet_libraries, stage_output
 from fabrika.ranks import JOIN, NEXT, Ranks
 from fabrika.relative_paths import rebase
 
@@ -287,11 +287,15 @@ def _select(pipe: Pipeline, only: list[str] | None, start: str | None, force: li
 
 def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | None = None,
                  force: list[str] | None = None, dry_run: bool = False, quiet: bool = False,
-                 console: Console | None = None, json_logs: bool = False) -> dict[str, Artifact]:
+                 console: Console | None = None, json_logs: bool = False, verbose: bool = False) -> dict[str, Artifact]:
     """Run the selected stages in order. With `json_logs` the terminal gets only JSON events (see
-    fabrika.logs) and the stages' own output goes to run.log alone."""
+    fabrika.logs) and the stages' own output goes to run.log alone. On a terminal each stage shows one
+    live line and its libraries' output goes to run.log alone, unless `verbose`."""
     quiet = quiet or json_logs
     console = Console(quiet=True) if json_logs else (console or Console(quiet=quiet))
+    live_line = console.is_terminal and not (quiet or verbose)
+    if quiet:
+        quiet_libraries()
     selected, forced = _select(pipe, only, start, force)
     if dry_run:
         print_plan(pipe, selected, forced, console)
@@ -335,7 +339,8 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
                                    f"(run without --only, or with --only {' '.join(missing)})")
             results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
-                                            quiet=quiet, console=console, ranks=ranks, json_logs=json_logs)
+                                            quiet=quiet, console=console, ranks=ranks, json_logs=json_logs,
+                                            live_line=live_line)
     except BaseException as e:
         error = e
         raise
@@ -367,7 +372,7 @@ def _write_report(run_dir: Path, console: Console) -> None:
 
 
 def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console,
-              ranks: Ranks, json_logs: bool = False) -> Artifact:
+              ranks: Ranks, json_logs: bool = False, live_line: bool = False) -> Artifact:
     d = pipe.stage_dir(stage.name)
     fp_file = d / FINGERPRINT_FILE
     previous = fp_file.read_text().strip() if fp_file.exists() else None
@@ -388,7 +393,7 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
           resumed=resumed)
     ctx = pipe.context(stage, quiet=quiet)
     try:
-        with stage_output(pipe.run_dir / "run.log", stage.name, mute=json_logs):
+        with stage_output(pipe.run_dir / "run.log", stage.name, mute=json_logs or quiet, live_line=live_line):
             artifact = stage.module.run(stage.cfg, ctx)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
@@ -401,7 +406,8 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
     if not distributed:
         ranks.tell(stage.name, NEXT)
     took = time.time() - ctx.started
-    console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s")
+    numbers = _format_estimate(key_metrics(artifact.metrics or {}))
+    console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s" + (f" — {numbers}" if numbers else ""))
     event(log, f"{stage.name}: done in {took:.1f}s, metrics {artifact.metrics}", event="stage_done",
           stage=stage.name, seconds=round(took, 3), metrics=artifact.metrics)
     return artifact

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from fabrika import logs
 from fabrika.artifacts import Artifact, Journal, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
@@ -69,7 +70,7 @@ class CollectConfig(Config):
     prompt_field: str = Field("prompt", description="Column of a plain-prompt source.")
     id_field: str | None = Field(None, description="Column with a stable row id (default: conversation_id/id/row).")
     language_field: str | None = Field("language", description="Column with the language; detected when absent.")
-    quota: dict[str, int] | None = Field(None, description="Kept rows per language, e.g. {ru: 1000, en: 1000}: "
+    quota: dict[str, int] | None = Field(None, description="Kept rows per language, e.g. {ru: 1000, en: 1000} (ru=1000,en=1000 on the command line): "
                                         "prompts are drawn until that many answers pass the filters.")
     max_requests: int | None = Field(None, ge=1, description="Most prompts sent to the teacher while filling the "
                                      "quotas (default: 1.5x the prompts they need if nothing is dropped).")
@@ -309,7 +310,7 @@ def duplicate_ids(prompts: list[dict], say=print) -> int:
 
 def run(cfg: CollectConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.source)
-    say = (lambda m: None) if ctx.quiet else print
+    say = (lambda m: None) if ctx.quiet else logs.say
     pools, stats = sample_prompts(cfg, source, say)
     client = {"cache_dir": str(default_cache_dir()), **cfg.client.model_dump(exclude_unset=True)}
     prompts, stats["stop"] = fill_quotas(cfg, ctx, pools, client)

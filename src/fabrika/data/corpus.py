@@ -159,9 +159,11 @@ def run(cfg: PrepareConfig, ctx: RunContext) -> Artifact:
 
     progress = None
     if not ctx.quiet:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-        progress = Progress(TextColumn("prepare"), BarColumn(), TextColumn("{task.fields[mb]:.1f} MB read"),
+        from fabrika.logs import progress as progress_bar
+
+        progress = progress_bar(TextColumn("read"), BarColumn(), TextColumn("{task.fields[mb]:.1f} MB read"),
                             TextColumn("{task.fields[tok]:,} tokens"), TextColumn("{task.fields[rate]:.2f} MB/s"),
                             TimeElapsedColumn())
         task = progress.add_task("prepare", total=None, mb=0.0, tok=0, rate=0.0)
@@ -173,7 +175,9 @@ def run(cfg: PrepareConfig, ctx: RunContext) -> Artifact:
     def tokenize_batch() -> None:
         if not batch:
             return
-        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        # verbose=False: documents longer than the model's context are expected (they are cut into
+        # packed sequences later); the tokenizer's warning about them would be noise
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
         full = False
         for (split, _), ids in zip(batch, encoded):
             ids.append(eos)

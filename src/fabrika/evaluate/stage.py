@@ -25,7 +25,7 @@ from fabrika.infer.client import ClientConfig, default_cache_dir
 
 
 class MTBenchParams(Config):
-    bench: list[str] = Field(default_factory=lambda: ["mt_bench"], description="Benches or FastChat question files.")
+    bench: list[str] = Field(default_factory=lambda: ["mt_bench"], description="Benches (mt_bench, ru_mt_bench, ru_mt_bench_50, zh_mt_bench) or FastChat question files.")
     judge: str = Field("openai:gpt-4o", description="Judge model reference (a named model, openai:..., hf:...).")
     prompts: str = Field("auto", description="fastchat, multilingual, or auto (multilingual for non-English).")
     questions: int | None = Field(None, ge=1, description="Only the first N questions (quick checks).")
@@ -133,19 +133,12 @@ def default_model_id(cfg: EvaluateConfig, ctx: RunContext) -> str:
 
 def _progress(what: str, quiet: bool):
     """Done / total and the time left, as the judge client shows for its requests."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("left"), TimeRemainingColumn(),
+    from fabrika.logs import progress
+
+    return progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("left"), TimeRemainingColumn(),
                     disable=quiet)
-
-
-def _quiet_libraries() -> None:
-    """`--quiet` also means no bars from the libraries underneath (Hub downloads, checkpoint loading)."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bars()
-    hf_logging.disable_progress_bar()
 
 
 def bench_name(question_file: Path) -> str:
@@ -344,7 +337,9 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:
     if not any((cfg.mtbench, cfg.perplexity, cfg.harness, cfg.contamination)):
         raise FabrikaError("evaluate: nothing to do; set mtbench, perplexity, harness or contamination")
     if ctx.quiet:
-        _quiet_libraries()
+        from fabrika.logs import quiet_libraries
+
+        quiet_libraries()
     model_id = default_model_id(cfg, ctx)
     results: dict[str, Any] = {"model": model_id}
     if cfg.mtbench:

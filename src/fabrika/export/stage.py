@@ -36,7 +36,7 @@ class VerifyParams(Config):
 
 class ExportConfig(Config):
     model: str = Field(description="A stage name, model or adapter directory, hf:ID or Hub id.")
-    quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce.")
+    quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce, e.g. q4_k_m,q8_0,f16 (comma-separated on the command line).")
     base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32 (kept only if "
                            "quant lists it).")
     imatrix: str | None = Field(None, description="Calibration text for an importance matrix, or builtin.")

@@ -361,7 +361,9 @@ def _message(err: Exception) -> str:
 
 def progress_bar(stats: JobStats, quiet: bool):
     """A rich progress bar showing done, failed, retrying, tokens/s, cost and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from fabrika.logs import progress
 
     class Live(TextColumn):
         def render(self, task):
@@ -370,7 +372,7 @@ def progress_bar(stats: JobStats, quiet: bool):
             return (f"failed {stats.failed} · retrying {stats.retrying} · cached {stats.cached} · "
                     f"{tps:,.0f} tok/s · ${stats.cost:.4f}")
 
-    return Progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), Live(""), TimeRemainingColumn(),
+    return progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), Live(""), TimeRemainingColumn(),
                     disable=quiet)
 
 

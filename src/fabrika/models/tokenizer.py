@@ -19,6 +19,7 @@ the same tokenization; pretraining calls it before the first step and after savi
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from typing import Any, Iterator, Literal
@@ -92,7 +93,9 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> Artifact:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                   special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=not ctx.quiet)
+                                  # the Rust bar writes to the terminal's descriptor, past run.log and
+                                  # the live line: only where stage output is shown on the terminal
+                                  show_progress=not ctx.quiet and sys.stderr.isatty())
     tok.train_from_iterator(capped(), trainer)
     if stats.documents == 0:
         raise FabrikaError(f"paths/dataset: no text found in {', '.join(cfg.paths) or cfg.dataset}")

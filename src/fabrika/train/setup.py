@@ -208,7 +208,7 @@ def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: 
         max_steps=params.max_steps or -1,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing=params.gradient_checkpointing,
         torch_compile=params.compile,
         logging_steps=params.logging_steps,
         eval_strategy="steps" if params.eval_steps else "no",
@@ -277,6 +277,8 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
     """Callbacks built on demand so that importing this module does not import transformers."""
     from transformers import TrainerCallback
 
+    from fabrika.logs import live
+
     class MetricsLogger(TrainerCallback):
         """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity."""
 
@@ -324,7 +326,42 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
             if state.global_step == self.step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class ProgressLine(TrainerCallback):
+        """The stage's live line on a terminal (fabrika.logs): step/total with ETA, loss and tokens/s."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+            from fabrika.logs import progress
+
+            self.bar = progress(BarColumn(), MofNCompleteColumn(), TextColumn("steps, left"),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[numbers]}"))
+            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, numbers="")
+            self.start, self.first_step, self.numbers = time.perf_counter(), state.global_step, {}
+            self.bar.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            steps = state.global_step - self.first_step
+            if steps > 0:
+                self.numbers["tok/s"] = f"{steps * tokens_per_step / (time.perf_counter() - self.start):,.0f}"
+            self._show(state)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for key, label in (("loss", "loss"), ("eval_loss", "eval loss")):
+                if isinstance((logs or {}).get(key), (int, float)):
+                    self.numbers[label] = f"{logs[key]:.3f}"
+            self._show(state)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.stop()
+
+        def _show(self, state) -> None:
+            text = " · ".join(f"{k} {v}" for k, v in self.numbers.items())
+            self.bar.update(self.task, completed=state.global_step, numbers=text)
+
     callbacks = [MetricsLogger()]
+    if live() and is_main_process():
+        callbacks.append(ProgressLine())
     if os.environ.get("FABRIKA_FAULT_KILL_AT_STEP"):
         callbacks.append(FaultInjection(int(os.environ["FABRIKA_FAULT_KILL_AT_STEP"])))
     return callbacks

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from fabrika import logs
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data.formats import convert_rows
@@ -57,9 +58,9 @@ def _sft_train_defaults() -> setup.TrainParams:
 
 class SFTConfig(Config):
     model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
-    data: str | list[DataSource] = Field(description="One source (a string) or a weighted list of sources.")
+    data: str | list[DataSource] = Field(description="Chat data: a stage, dataset dir, file or Hub id; or a weighted list of sources.")
     template: str = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train: full (all weights), lora (an adapter) or qlora (an adapter on a 4-bit base).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
     batching: Literal["auto", "packed", "grouped", "padded"] = Field(
@@ -119,7 +120,7 @@ def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list
         good, bad = convert_rows(iter_rows(ref, src.split), src.format)
         if bad:
             shown = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
-            print(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
+            logs.say(f"{ref}: skipped {len(bad)} malformed rows ({shown})")
         if not good:
             raise FabrikaError(f"sft.data: {ref} has no usable conversation ({len(bad)} rows malformed; first: "
                                f"{f'row {bad[0][0]}: {bad[0][1]}' if bad else 'the dataset is empty'})")
@@ -386,7 +387,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     args = setup.trainer_arguments(
         cfg.train, out, precision, ctx.seed, cls=TRLConfig,
         max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
-        eos_token=eot, pad_token=tokenizer.pad_token, neftune_noise_alpha=cfg.neftune_alpha,
+        eos_token=eot, neftune_noise_alpha=cfg.neftune_alpha,  # the pad token: the tokenizer's own
         dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
         **({} if eval_ds is not None else {"eval_strategy": "no"}))
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
