@@ -24,12 +24,13 @@ from typing import Callable, Iterator
 
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
+from helpers import serving
+
 
 @contextmanager
 def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: list[str] | None = None, polls: int = 3,
                  error_if: Callable[[list[dict]], bool] = lambda messages: False,
                  lose_creates: int = 0) -> Iterator[str]:
-    import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
 
@@ -161,16 +162,8 @@ def batch_server(reply: Callable[[list[dict]], str], log: list[dict], fates: lis
         log.append({"op": "chat", "messages": body["messages"]})
         return answer(body)
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 def submitted(log: list[dict]) -> list[str]:

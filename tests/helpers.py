@@ -63,6 +63,23 @@ def paid(log: list[dict]) -> Counter:
 
 
 @contextmanager
+def serving(app) -> Iterator[str]:
+    """Run an ASGI app on a free loopback port in this process for the duration; yields its /v1 URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextmanager
 def scripted_server(reply: Callable[[list[dict]], str], log: list[dict] | None = None, down_first: int = 0,
                     down_while: Path | None = None) -> Iterator[str]:
     """A real OpenAI-compatible HTTP endpoint on loopback whose answers follow a rule: the stand-in for a
@@ -71,7 +88,6 @@ def scripted_server(reply: Callable[[list[dict]], str], log: list[dict] | None =
     `log` receives every request as it arrives, {"body": the JSON body, "status": the HTTP status
     sent}: the test's own witness of what was asked and paid for (status 200). The server answers
     503 to its first `down_first` requests, and while the file `down_while` exists."""
-    import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -92,13 +108,5 @@ def scripted_server(reply: Callable[[list[dict]], str], log: list[dict] | None =
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield url

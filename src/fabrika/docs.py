@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

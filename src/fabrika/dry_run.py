@@ -4,7 +4,9 @@ API money, and the warnings a plan deserves before it is paid for.
 Each stage's `estimate` answers for itself; this adds them up under stated assumptions, because a total
 without its assumptions reads as a promise. Training time comes from FLOPs at a typical utilisation
 (train.setup.gpu_hours); an API stage takes its requests at REQUEST_S seconds each, `concurrency` at a
-time, since a provider's answer speed is what bounds it.
+time, since a provider's answer speed is what bounds it; answers a local model generates (MT-Bench)
+take GPU time at LOCAL_TOKENS_S, and export the time its estimate gives (measured conversion and
+quantization speeds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from fabrika.artifacts import read_manifest
 
 REQUEST_S = 10.0  # one chat answer of ~600 tokens at ~60 tokens/s, as large API models answer
+LOCAL_TOKENS_S = 500.0  # batched answers of a 7-8B model on one GPU with transformers (vLLM: several times more)
 REPEAT_WARNING = 4.0  # more epochs over a pretraining corpus than this, and the loss stops meaning much
 
 
@@ -60,11 +63,17 @@ def totals(stages: list[Any], estimates: dict[str, dict[str, Any]]) -> str:
         if "h100_hours" in est:  # GPU-hours of all the GPUs together
             gpu_h += est["h100_hours"]
             wall_h += est["h100_hours"] / world
-        wall_h += _api_hours(est.get("api_calls"), stage.cfg) + _api_hours(est.get("judge_calls"), stage.cfg)
+        wall_h += sum(_api_hours(est.get(k), stage.cfg) for k in ("api_calls", "judge_calls", "answer_calls"))
+        if "answer_tokens_max" in est:  # at most: answers usually end before max_new_tokens
+            hours = est["answer_tokens_max"] / LOCAL_TOKENS_S / 3600
+            gpu_h += hours
+            wall_h += hours
+        wall_h += est.get("est_minutes", 0) / 60
         cost = est.get("est_cost_usd", 0) + est.get("est_judge_usd", 0)
         usd += cost
         usd_max += est.get("est_cost_max_usd", est.get("est_cost_usd", 0)) + est.get("est_judge_usd", 0)
     money = f"${usd:,.2f}" + (f" (up to ${usd_max:,.2f} if many answers are dropped)" if usd_max > usd else "")
     wall = f"{wall_h:.1f} h" if wall_h >= 1 else f"{wall_h * 60:.0f} min"
     return (f"total: ~{wall} wall, {gpu_h:.1f} H100 GPU-hours on {world} GPU(s), {money} API; "
-            f"training at 40% MFU, API requests at {REQUEST_S:.0f} s each, `concurrency` at a time")
+            f"training at 40% MFU, API requests at {REQUEST_S:.0f} s each, `concurrency` at a time, local "
+            f"answers at {LOCAL_TOKENS_S:.0f} tokens/s")

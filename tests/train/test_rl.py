@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, run_cli, write_jsonl
+from helpers import REPO, run_cli, serving, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl, read_manifest
-from fabrika.errors import FabrikaError
 from fabrika.train import rewards as R
 from fabrika.train import rl
 
@@ -207,7 +206,6 @@ def test_killed_rl_resumes_exactly(tmp_path, chat_model):
 def logging_judge(log: Path, reply=lambda answer: f"Fine. Rating: [[{len(answer) % 10 + 1}]]", delay_s: float = 0.15):
     """A real OpenAI-compatible judge on loopback that appends every grading request it receives
     (question, answer) to `log` before answering, slowly enough that requests are in flight at a kill."""
-    import uvicorn
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -226,16 +224,8 @@ def logging_judge(log: Path, reply=lambda answer: f"Fine. Rating: [[{len(answer)
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 def _requests(log: Path) -> list[tuple[str, str]]:

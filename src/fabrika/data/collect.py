@@ -37,7 +37,7 @@ from fabrika import logs
 from fabrika.artifacts import Artifact, Journal, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
-from fabrika.data.formats import RowError, check_conversation, detect_format, to_messages
+from fabrika.data.formats import RowError, detect_format, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.infer import batch
@@ -181,11 +181,7 @@ def sample_prompts(cfg: CollectConfig, ref: str, say=print) -> tuple[dict[str, l
     for i, row in enumerate(ds):
         rid = str(row[id_field]) if id_field else str(i)
         try:
-            msgs = to_messages(row, cfg.format, prompt_field=cfg.prompt_field)
-            # keep earlier turns as context; the teacher answers the last user message
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            check_conversation(msgs, need_answer=False)
+            msgs = prompt_messages(row, cfg.format, prompt_field=cfg.prompt_field)
         except RowError as e:
             bad.append((rid, str(e)))
             continue

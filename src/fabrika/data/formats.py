@@ -136,3 +136,13 @@ def convert_rows(rows: Iterable[tuple[Any, dict[str, Any]]], fmt: str = "auto", 
         except RowError as e:
             bad.append((row_id, str(e)))
     return good, bad
+
+
+def prompt_messages(row: dict[str, Any], fmt: str = "auto", prompt_field: str = "prompt") -> list[dict[str, str]]:
+    """A row as a prompt to be answered: earlier turns stay as context, a trailing answer is cut off
+    (the model asked answers the last user message afresh); raises RowError when it cannot."""
+    msgs = to_messages(row, fmt, prompt_field=prompt_field)
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    check_conversation(msgs, need_answer=False)
+    return msgs

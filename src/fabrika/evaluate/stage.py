@@ -173,6 +173,10 @@ def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
                        est_judge_online_usd=round(online, 2))
         else:
             out.update(judge_calls=n, est_judge_usd=round(online, 2))
+        if cfg.model and ctx.resolve_model(cfg.model).startswith("openai:"):
+            out["answer_calls"] = n
+        elif cfg.model and not cfg.mtbench.answers:  # generated here: every turn at most max_new_tokens long
+            out["answer_tokens_max"] = n * cfg.mtbench.max_new_tokens
     return out
 
 

@@ -191,8 +191,21 @@ def show_files(files: dict[str, Path], verification: dict[str, Any] | None) -> N
             console.print(f"  {name}: {meaning}", highlight=False)
 
 
+# Seconds per billion parameters on the 2-core machine of bench/RESULTS.md (GGUF export, 1B row): F16
+# conversion 10 s, llama.cpp's Q4_K_M 35 s; verification (both models over the calibration windows) is
+# taken as one more quantization's time per file. A GPU host's many cores make these upper bounds.
+CONVERT_S_PER_B, QUANTIZE_S_PER_B = 10.0, 35.0
+
+
 def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
-    return {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
+    from fabrika.train.setup import planned_params
+
+    out: dict[str, Any] = {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
+    if n := planned_params(cfg.model, ctx):
+        quantized = [q for q in cfg.quant if q not in writer.DIRECT_TYPES]
+        seconds = n / 1e9 * (CONVERT_S_PER_B + QUANTIZE_S_PER_B * (len(quantized) + len(cfg.quant)))
+        out["est_minutes"] = round(seconds / 60, 1)
+    return out
 
 
 def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:

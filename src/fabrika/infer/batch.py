@@ -38,7 +38,6 @@ each only while the ones that ended in this run cost less than the budget.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal

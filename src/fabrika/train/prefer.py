@@ -95,7 +95,10 @@ def _trainer_classes(loss: str):
 
 
 def estimate(cfg: PreferConfig, ctx: RunContext) -> dict[str, Any]:
-    return {"loss": cfg.loss, "method": cfg.method, "epochs": cfg.train.epochs}
+    out: dict[str, Any] = {"loss": cfg.loss, "method": cfg.method, "epochs": cfg.train.epochs}
+    if n := setup.planned_params(cfg.model, ctx):
+        out["_params"] = n  # for the stages downstream (export's time)
+    return out
 
 
 def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:

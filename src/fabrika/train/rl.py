@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
-from fabrika.data.formats import RowError, check_conversation, to_messages
+from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.train import rewards as R
@@ -132,10 +132,7 @@ def load_prompts(cfg: RLConfig, ref: str, need_language: bool) -> tuple[list[dic
     for i, row in enumerate(ds):
         try:
             fmt = "prompt" if isinstance(row.get(cfg.prompt_field), str) else "auto"
-            msgs = to_messages(row, fmt, prompt_field=cfg.prompt_field)
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            check_conversation(msgs, need_answer=False)
+            msgs = prompt_messages(row, fmt, prompt_field=cfg.prompt_field)
         except RowError as e:
             bad.append((i, str(e)))
             continue
@@ -195,6 +192,8 @@ def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
     completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * setup.world_size()
     out: dict[str, Any] = {"method": cfg.method, "rewards": "+".join(cfg.rewards.enabled()), "steps": p.max_steps,
                            "completions": completions, "generated_tokens_max": completions * r.max_completion_length}
+    if n := setup.planned_params(cfg.model, ctx):
+        out["_params"] = n  # for the stages downstream (export's time)
     if cfg.rewards.judge:  # every completion distinct: an upper bound; the cache absorbs repeats
         from fabrika.infer.client import DEFAULT_PRICES
 

@@ -168,6 +168,14 @@ def params_from_name(model: str) -> float | None:
     return float(m.group(1)) * 1e9 if m else None
 
 
+def planned_params(ref: str | None, ctx: Any) -> float | None:
+    """Parameters of the model a stage will load, for a dry run: the upstream training stage's own
+    estimate (`_params`) when `ref` names one, else a guess from the model's name."""
+    if not ref:
+        return None
+    return ctx.estimates.get(ref, {}).get("_params") or params_from_name(ctx.resolve_model(ref))
+
+
 def flops_per_token(config: Any, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
     scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits. With

@@ -329,7 +329,9 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
         tokens = p.max_steps * out["tokens_per_step"]
     else:
         tokens = rows * TOKENS_PER_EXAMPLE * p.epochs if rows else None
-    n = setup.params_from_name(ctx.resolve_model(cfg.model))
+    n = setup.planned_params(cfg.model, ctx)
+    if n:
+        out["_params"] = n  # for the stages downstream (export's time)
     if tokens:
         out["train_tokens"] = int(tokens)
     if tokens and n:
