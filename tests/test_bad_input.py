@@ -211,7 +211,7 @@ CASES = [
                                             "pairwise", "-o", "{w}/o"], ["mtbench", "set baseline"]),
     Case("eval-bad-model-ref", ["eval", "mtbench", "-m", "llama:7b", "--bench", "{w}/questions.jsonl",
                                 "--judge", "openai:j@http://127.0.0.1:9", "-o", "{w}/o"],
-         ["'llama:7b'", "hf:PATH_OR_ID, gguf:FILE or openai:MODEL"]),
+         ["'llama:7b'", "hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL"]),
     Case("eval-show-missing", ["eval", "show", "{w}/nope.jsonl"], ["nope.jsonl"]),
     Case("eval-show-bad-line", ["eval", "show", "{w}/judgments_bad.jsonl"], ["judgments_bad.jsonl"]),
     # --- export --------------------------------------------------------------------------------

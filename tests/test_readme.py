@@ -61,6 +61,7 @@ def test_readme_commands_run(tmp_path, small_corpus, chat_model):
     for name in ("base", "A", "B"):
         (tmp_path / name).symlink_to(chat_model)
     (tmp_path / "p.txt").write_text("Привет!\nWhat is 2+2?\n", encoding="utf-8")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Как дела?"}\n{"prompt": "What is 2+2?"}\n', encoding="utf-8")
     (tmp_path / "PIPELINE.yaml").write_text(yaml.safe_dump({
         "name": "NAME", "stages": {"tok": {"kind": "tokenizer", "paths": [str(small_corpus)], "vocab_size": 300}}}))
     env = {**os.environ, "PATH": f"{Path(FABRIKA).parent}:{os.environ['PATH']}", "COLUMNS": "200"}
@@ -77,6 +78,8 @@ def test_readme_commands_run(tmp_path, small_corpus, chat_model):
             "--baseline hf:base": "--baseline hf:base --questions 1 --set mtbench.max_new_tokens=4",
             "path/to/config.json": str(chat_model / "config.json"),
             "--vocab-size 8192": "--vocab-size 512",
+            "--reward judge=1,language=0.5": "--reward judge=1,language=0.5 --max-steps 1 --set train.batch_size=2 "
+                                             "--set rollouts.num_generations=2 --set rollouts.max_completion_length=8",
             "fabrika prepare data/corpus": f"fabrika prepare {small_corpus}",
             "fabrika tokenizer data/corpus": f"fabrika tokenizer {small_corpus}",
         }

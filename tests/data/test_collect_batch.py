@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from batch_server import batch_server, submitted
-from helpers import FABRIKA, REPO, run_fabrika, write_jsonl
+from helpers import run_cli, run_fabrika, write_jsonl
 
 from fabrika.infer import batch as B
 
@@ -76,7 +76,7 @@ def test_killed_after_submitting_resumes_the_same_batches(tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["cost_usd"] == pytest.approx(12 * (10 * 2.0 + 20 * 8.0) / 1e6 / 2, abs=1e-4)
-    shown = subprocess.run([FABRIKA, "batches", str(out)], capture_output=True, text=True, cwd=REPO)
+    shown = run_cli("batches", str(out))
     assert shown.returncode == 0 and shown.stdout.count("completed") == 3, shown.stdout
 
 
@@ -107,9 +107,9 @@ def test_cancel_stops_a_running_collect(tmp_path):
         t.start()
         while not any(e["op"] == "retrieve" for e in log):
             time.sleep(0.02)
-        status = subprocess.run([FABRIKA, "batches", str(out)], capture_output=True, text=True, cwd=REPO)
+        status = run_cli("batches", str(out))
         assert "in_progress" in status.stdout or "validating" in status.stdout, status.stdout
-        cancel = subprocess.run([FABRIKA, "batches", str(out), "--cancel"], capture_output=True, text=True, cwd=REPO)
+        cancel = run_cli("batches", str(out), "--cancel")
         assert cancel.returncode == 0 and "batch_1" in cancel.stdout, cancel.stderr
         t.join(120)
     r = result["r"]
@@ -151,7 +151,7 @@ def test_batches_cancelled_between_runs_are_submitted_anew(tmp_path):
     with batch_server(answer, log, polls=6) as url:
         r = _collect(tmp_path, url, out, kill_when=lambda: any(e["op"] == "retrieve" for e in log))
         assert r.returncode == -9
-        cancel = subprocess.run([FABRIKA, "batches", str(out), "--cancel"], capture_output=True, text=True, cwd=REPO)
+        cancel = run_cli("batches", str(out), "--cancel")
         assert cancel.returncode == 0 and "batch_1, batch_2, batch_3" in cancel.stdout, cancel.stdout + cancel.stderr
         r = _collect(tmp_path, url, out)
         assert r.returncode == 0, r.stderr

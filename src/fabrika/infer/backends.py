@@ -142,10 +142,14 @@ class HFGenerator:
             raise ConversationRejected(f"the model's chat template rejects these messages: {e}") from None
         return out["input_ids"] if tokenize else out
 
+    def prompt_ids(self, conversation: Messages) -> list[int]:
+        """The ids the model is given for a conversation: its chat template, then the tokenizer."""
+        return self._template(conversation, tokenize=True)
+
     def prompt_tokens(self, conversation: Messages) -> int:
         """Tokens of the templated prompt; refuses what cannot fit the context even without an answer."""
         refuse_oversized(conversation, self.context, self.longest_token_bytes)
-        n = len(self._template(conversation, tokenize=True))
+        n = len(self.prompt_ids(conversation))
         if n >= self.context:
             raise _too_long(n, 1, self.context)
         return n

@@ -89,7 +89,7 @@ class VerifiableReward(RewardParams):
     reference: str | None = Field("answer", description="Column with each row's reference answer.")
     pattern: str | None = Field(None, description="regex mode: the pattern (default: the reference column's value).")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="json mode: a JSON Schema the answer "
-                                           "must satisfy (needs the jsonschema package).")
+                                           "must satisfy.")
     tolerance: float = Field(1e-6, ge=0, description="numeric mode: relative tolerance.")
 
     @field_validator("pattern")
@@ -104,10 +104,8 @@ class VerifiableReward(RewardParams):
         if self.mode == "regex" and not (self.pattern or self.reference):
             raise ValueError("mode regex needs `pattern` or a `reference` column holding patterns")
         if self.schema_ is not None:
-            try:
-                import jsonschema
-            except ImportError:
-                raise ValueError("a JSON Schema needs the jsonschema package (pip install jsonschema)") from None
+            import jsonschema
+
             try:
                 jsonschema.validators.validator_for(self.schema_).check_schema(self.schema_)
             except jsonschema.SchemaError as e:
