@@ -13,7 +13,8 @@ from helpers import run_cli
 SHORT = ["--set", "stages.pretrain.train.max_steps=24", "--set", "stages.pretrain.train.eval_steps=12",
          "--set", "stages.pretrain.train.save_steps=12", "--set", "stages.pretrain.train.warmup_steps=4",
          "--set", "stages.pretrain.train.logging_steps=6"]
-STAGES = ["tokenizer", "prepare", "pretrain", "collect", "sft", "pairs", "prefer", "judge", "evaluate", "export"]
+STAGES = ["tokenizer", "prepare", "pretrain", "collect", "sft", "pairs", "prefer", "rl", "judge", "evaluate",
+          "export"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,8 @@ def test_every_phase_runs_and_a_rerun_is_cached(demo_run):
         assert manifest["stage"] == stage
     pairs = json.loads((demo_run / "pairs" / "manifest.json").read_text())["metrics"]
     assert pairs["kept"] > 0  # preference pairs made from the teacher and the SFT student
+    rl = json.loads((demo_run / "rl" / "manifest.json").read_text())["metrics"]
+    assert rl["steps"] == 8 and "reward_language_last" in rl  # GRPO steps with each reward logged on its own
     export = json.loads((demo_run / "export" / "verification.json").read_text())["verification"]["files"]
     assert set(export) == {"f16", "q4_k_m"} and export["f16"]["top1"] > 0.98
     results = json.loads((demo_run / "evaluate" / "results.json").read_text())
