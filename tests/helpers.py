@@ -110,3 +110,20 @@ def scripted_server(reply: Callable[[list[dict]], str], log: list[dict] | None =
 
     with serving(app) as url:
         yield url
+
+
+def make_chat_model(out: Path, tokenizer: Path, **shape) -> Path:
+    """A tiny random Llama with the ChatML tokenizer; generation stops at <|im_end|>."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, **shape}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, **shape))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    GenerationConfig(eos_token_id=[im_end, tok.eos_token_id], pad_token_id=tok.pad_token_id).save_pretrained(out)
+    return out

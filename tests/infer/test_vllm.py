@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CORPUS, run_fabrika, write_jsonl
+from helpers import CORPUS, make_chat_model, run_fabrika, write_jsonl
 
 from fabrika.data.collect import JOURNAL
 from fabrika.infer import vllm_engine
@@ -45,20 +45,8 @@ def small_vllm(tmp_path_factory):
 def chat_model(tmp_path_factory, tiny_tokenizer) -> Path:
     """The tiny chat Llama of conftest with 64-dimensional heads: vLLM's CPU attention kernels have no
     16-dimensional ones ("Unsupported CPU attention configuration: head_dim=16")."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("vllm_chat_model")
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
-                                         max_position_embeddings=2048))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    GenerationConfig(eos_token_id=[im_end, tok.eos_token_id], pad_token_id=tok.pad_token_id).save_pretrained(out)
-    return out
+    return make_chat_model(tmp_path_factory.mktemp("vllm_chat_model"), tiny_tokenizer, hidden_size=128,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=256)
 
 
 @pytest.fixture(scope="module")
