@@ -103,7 +103,7 @@ def _holds_work(out: Path) -> bool:
 
 
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
-                      out: Path, quiet: bool = False, seed: int = 0):
+                      out: Path, quiet: bool = False, seed: int = 0, metrics_table: bool = True):
     """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
     from fabrika.artifacts import RunContext, fingerprint
     from fabrika.config import load
@@ -124,7 +124,7 @@ def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], 
     fp_file.write_text(fp + "\n")
     ctx = RunContext(stage=kind, kind=kind, stage_dir=out, seed=seed, fingerprint=fp, quiet=quiet)
     artifact = module.run(cfg, ctx)
-    if artifact.metrics and not quiet:
+    if artifact.metrics and metrics_table and not quiet:
         from rich.table import Table
 
         table = Table(title=f"{kind}: {artifact.path}")
@@ -364,7 +364,7 @@ def eval_mtbench(
     mt = {k: v for k, v in {"bench": bench or None, "judge": judge, "answers": answers, "questions": questions,
                             "baseline": baseline, "mode": mode}.items() if v is not None}
     art = run_stage_command("evaluate", config, {"model": model, "model_id": model_id, "mtbench": mt or None},
-                            set_, out, quiet)
+                            set_, out, quiet, metrics_table=False)  # results.md holds the same numbers, per bench
     console.print(Path(art.dir / "results.md").read_text(encoding="utf-8"))
 
 
