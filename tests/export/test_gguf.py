@@ -14,6 +14,7 @@ from fabrika.artifacts import Artifact, RunContext
 from fabrika.errors import FabrikaError
 from fabrika.export import gguf as writer
 from fabrika.export import stage, verify
+from fabrika.infer.llamacpp import load_llama
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test install (make test)")
 
@@ -93,7 +94,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     model_dir = build("llama", tok, tmp_path / "sp-llama")
     (model_dir / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
     writer.convert(model_dir, tmp_path / "sp.gguf", "f32")
-    llm = verify.load_llama(tmp_path / "sp.gguf", 256)
+    llm = load_llama(tmp_path / "sp.gguf", 256)
     for sample in ("To be, or not to be: that is the question.", "Мой дядя самых честных правил"):
         assert llm.tokenize(sample.encode(), add_bos=False) == tok(sample, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(sample.encode()) == tok(sample)["input_ids"]  # BOS first, as add_bos_token says
@@ -117,6 +118,11 @@ def test_export_stage_quantizes_and_verifies(tmp_path, bpe_tok):
     assert "Q4_K" in rep["tensor_types"]["q4_k_m"] and "Q6_K" in rep["tensor_types"]["q6_k"]
     assert files["q4_k_m"]["llama_cpp_range"] == "KL 0.0127–0.0313, top-1 0.919–0.947, PPL ×1.014–1.028"
     assert files["f16"]["verdict"].startswith("lossless")
+    # the original model ran where the memory check allowed, and the report says where (a tiny model fits)
+    placement = {"device": "cuda", "dtype": "bfloat16"} if torch.cuda.is_available() else {"device": "cpu",
+                                                                                          "dtype": "float32"}
+    assert rep["verification"]["reference"] == placement and rep["verification"]["windows"] == 1
+    assert f"original in {placement['dtype']} on {placement['device']}" in r.stdout
     # what the user reads: every file with its numbers, the range llama.cpp reports, and what they mean
     lines = {q: next(line for line in r.stdout.splitlines() if f"model-{q}.gguf" in line) for q in files}
     assert "KL 0.0127–0.0313" in lines["q4_k_m"] and files["q4_k_m"]["verdict"][:30] in lines["q4_k_m"]
@@ -125,6 +131,7 @@ def test_export_stage_quantizes_and_verifies(tmp_path, bpe_tok):
         assert f"{name}: " in r.stdout
     art = Artifact.load(out)
     assert art.path == out / "model-f16.gguf" and "q4_k_m_kl" in art.metrics
+    assert art.metrics["reference"] == placement
     mf = (out / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in mf and 'PARAMETER stop "<|im_end|>"' in mf
 
@@ -145,7 +152,7 @@ def test_trained_chat_model_stops_in_llama_cpp(tmp_path, plain_base):
     # export the *adapter*: the stage merges it onto its base first
     ecfg = stage.CONFIG(model=str(tmp_path / "sft" / "adapter"), quant=["f16"])
     exp = stage.run(ecfg, RunContext(stage="export", kind="export", stage_dir=tmp_path / "exp", quiet=True))
-    llm = verify.load_llama(exp.path, 256, logits_all=False)
+    llm = load_llama(exp.path, 256)
     out = llm.create_chat_completion([{"role": "user", "content": "Who are you?"}], max_tokens=30, temperature=0)
     choice = out["choices"][0]
     assert choice["message"]["content"].strip() == "I am fabrika." and choice["finish_reason"] == "stop"

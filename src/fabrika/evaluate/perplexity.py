@@ -5,6 +5,9 @@ Text comes from a file, a dataset (its `text` column), or the validation shards 
 cut into non-overlapping windows of `context` tokens; every token after the first of a window is
 scored. Windows are identical across backends because the token ids are computed once, with the HF
 tokenizer, and fed to llama.cpp as ids.
+
+An HF model runs in bf16 on the GPU when there is one, in fp32 on CPU otherwise, after a check that it
+fits (fabrika.models.reference); a GGUF file runs with llama.cpp's defaults, as it would be served.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fabrika.errors import FabrikaError
+from fabrika.models.reference import check_fits, load_reference, model_parts, model_size, reference_placement
 
 
 def token_ids(source: str, tokenizer, max_tokens: int) -> list[int]:
@@ -53,23 +57,27 @@ def windows(ids: list[int], context: int) -> list[list[int]]:
 
 def hf_perplexity(model_dir: str, ids: list[int], context: int) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    placement = reference_placement()
+    params, vocab, _ = model_size(model_dir)
+    check_fits("perplexity", model_parts(params, placement, context * vocab, copies=1),
+               "Use a GGUF export of the model (gguf:FILE), a shorter context, or a machine with a GPU "
+               "(the model then runs there in bf16) or more free RAM.")
+    model = load_reference(model_dir, placement)
     nll, n = 0.0, 0
     with torch.no_grad():
         for w in windows(ids, context):
-            x = torch.tensor([w])
+            x = torch.tensor([w], device=model.device)
             logits = model(x).logits[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += len(w) - 1
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, **placement.as_dict()}
 
 
 def gguf_perplexity(path: str, ids: list[int], context: int) -> dict[str, Any]:
-    from fabrika.export.verify import load_llama
+    from fabrika.infer.llamacpp import load_llama
 
-    llm = load_llama(path, n_ctx=context + 8)
+    llm = load_llama(path, n_ctx=context + 8, logits_all=True)  # every position is scored
     nll, n = 0.0, 0
     for w in windows(ids, context):
         llm.reset()

@@ -7,6 +7,9 @@ layers (the activations are the same model's, up to float rounding), and llama.c
 in-process as a NULL-terminated array of `llama_model_imatrix_data`. MoE expert weights are fused
 3-D parameters in transformers, not linear layers: they are quantized without importance data, as
 llama.cpp does for tensors its imatrix file lacks.
+
+The model runs in bf16 on the GPU when there is one (fp32 on CPU otherwise); the statistics are
+summed in fp32 either way. Whether it fits is checked before it is loaded.
 """
 
 from __future__ import annotations
@@ -18,18 +21,38 @@ from typing import Any
 import numpy as np
 
 from fabrika.errors import FabrikaError
+from fabrika.models.reference import (Part, Placement, check_fits, load_reference, model_parts, model_size,
+                                     reference_placement)
+
+CONTEXT = 512  # tokens per forward pass, as llama-imatrix's default context
+
+ADVICE = ("Quantize without an importance matrix (leave imatrix unset), or run the export on a machine with a GPU "
+          "(the model then runs there in bf16) or more free RAM.")
 
 
-def compute(model_dir: Path, text: str, gguf_names: dict[str, str], context: int = 512,
+def imatrix_parts(params: int, vocab: int, context: int, placement: Placement) -> list[Part]:
+    """The model and one window's logits, which the forward pass makes though nothing reads them."""
+    return model_parts(params, placement, context * vocab, copies=1)
+
+
+def check_imatrix_fits(size: tuple[int, int, int | None], context: int, placement: Placement) -> None:
+    """Fail before loading when the model of `size` (`model_size`) would not fit in the memory free now."""
+    params, vocab, _ = size
+    check_fits("export importance matrix", imatrix_parts(params, vocab, context, placement), ADVICE)
+
+
+def compute(model_dir: Path, text: str, gguf_names: dict[str, str], context: int = CONTEXT,
             max_tokens: int = 8192) -> dict[str, np.ndarray]:
     """{gguf tensor name: mean x² per input column} over up to `max_tokens` tokens of `text`.
     `gguf_names` maps HF weight names (`model.layers.0.mlp.up_proj.weight`) to GGUF ones."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    placement = reference_placement()
+    check_imatrix_fits(model_size(model_dir), context, placement)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    model = load_reference(model_dir, placement)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens].to(model.device)
     if len(ids) < 16:
         raise FabrikaError("export.imatrix: the calibration text gives fewer than 16 tokens")
     sums: dict[str, torch.Tensor] = {}
@@ -53,7 +76,7 @@ def compute(model_dir: Path, text: str, gguf_names: dict[str, str], context: int
     finally:
         for h in hooks:
             h.remove()
-    return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    return {name: (sums[name] / counts[name]).cpu().numpy().astype(np.float32) for name in sums}
 
 
 class CArray:

@@ -26,6 +26,7 @@ from fabrika.errors import FabrikaError
 from fabrika.export import gguf as writer
 from fabrika.export import verify as verifier
 from fabrika.models.checks import check_model_dir
+from fabrika.models.reference import model_size, reference_placement
 
 
 class VerifyParams(Config):
@@ -75,6 +76,29 @@ def _importance(cfg: ExportConfig, model_dir: Path) -> dict[str, Any]:
     plan = writer.plan_tensors(config, writer.tensor_shapes(model_dir))
     names = {hf: s.gguf_name for s in plan for hf in s.hf_names if len(s.hf_names) == 1}
     return imatrix.compute(model_dir, verifier.calibration_text(cfg.imatrix, "export.imatrix"), names)
+
+
+# Bits per weight of a file of each type, for the memory check before conversion: exact for the float
+# types; Q8_0's 8.5 (32 weights share one f16 scale) bounds every other quantization from above.
+BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0}
+QUANTIZED_BITS_BOUND = 8.5
+
+
+def check_memory(cfg: ExportConfig, model_dir: Path) -> None:
+    """Fail now, before conversion and quantization (minutes to hours on a large model), when the
+    importance matrix or the verification will not fit in the memory free."""
+    weighted = cfg.imatrix and any(q not in writer.DIRECT_TYPES for q in cfg.quant)
+    if not (weighted or cfg.verify.enabled):
+        return
+    from fabrika.export import imatrix
+
+    placement = reference_placement()
+    size = model_size(model_dir)
+    if weighted:
+        imatrix.check_imatrix_fits(size, imatrix.CONTEXT, placement)
+    if cfg.verify.enabled:
+        bits = max(BITS_PER_WEIGHT.get(q, QUANTIZED_BITS_BOUND) for q in cfg.quant)
+        verifier.check_verification_fits(size, int(size[0] * bits / 8), cfg.verify.max_tokens, placement)
 
 
 def quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, Any] | None = None) -> None:
@@ -173,8 +197,9 @@ def show_files(files: dict[str, Path], verification: dict[str, Any] | None) -> N
 
     console = Console()
     rows = (verification or {}).get("files", {})
-    table = Table(title="GGUF files" + (f" (checked on {verification['tokens']} calibration tokens)"
-                                        if verification else ""))
+    ref = (verification or {}).get("reference", {})
+    table = Table(title="GGUF files" + (f" (checked on {verification['tokens']} calibration tokens against the "
+                                        f"original in {ref['dtype']} on {ref['device']})" if verification else ""))
     for col in ("file", "MB", "top-1", "KL", "PPL (original)", "llama.cpp range", "verdict"):
         table.add_column(col, justify="left" if col in ("file", "llama.cpp range", "verdict") else "right")
     for qtype, path in files.items():
@@ -220,6 +245,7 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     if cfg.imatrix:
         verifier.calibration_text(cfg.imatrix, "export.imatrix")  # a missing file fails before any work
     model_dir, lineage = _resolve_model(cfg, ctx)
+    check_memory(cfg, model_dir)
     out = ctx.stage_dir
     files: dict[str, Path] = {}
     conversions: dict[str, Any] = {}
@@ -266,6 +292,8 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     main = files[cfg.quant[0]]
     atomic_write_text(out / "Modelfile", modelfile(main.name, template))
     metrics: dict[str, Any] = {}
+    if "verification" in report:
+        metrics["reference"] = report["verification"]["reference"]
     for q, row in report.get("verification", {}).get("files", {}).items():
         metrics[f"{q}_kl"] = row["kl"]
         metrics[f"{q}_top1"] = row["top1"]

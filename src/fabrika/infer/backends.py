@@ -268,13 +268,13 @@ class GGUFGenerator:
     """llama.cpp; the chat template comes from the GGUF file itself."""
 
     def __init__(self, path: str, n_ctx: int = 4096, n_threads: int | None = None) -> None:
-        from fabrika.export.verify import load_llama
+        from fabrika.infer.llamacpp import load_llama
 
         if not Path(path).is_file():
             raise FabrikaError(f"gguf:{path}: no such file")
         self.name = Path(path).stem
         try:
-            self.llm = load_llama(path, n_ctx=n_ctx, logits_all=False)
+            self.llm = load_llama(path, n_ctx=n_ctx, n_threads=n_threads)
         except ValueError as e:  # llama.cpp says only "Failed to load model from file"
             raise FabrikaError(f"gguf:{path}: llama.cpp cannot load this file ({e}); expected a GGUF model, e.g. "
                                "one written by `fabrika export`") from None
