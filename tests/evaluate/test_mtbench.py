@@ -178,6 +178,7 @@ def test_judging_existing_answers_and_bad_input(tmp_path, judge_server):
 def test_perplexity_hf_and_gguf_agree(tmp_path, chat_model):
     from fabrika.evaluate.perplexity import perplexity
     from fabrika.export.gguf import convert
+    from fabrika.models.reference import reference_placement
 
     text = tmp_path / "t.txt"
     text.write_text((REPO / "data" / "corpus" / "en" / "tinyshakespeare.txt").read_text()[:3000])
@@ -185,6 +186,7 @@ def test_perplexity_hf_and_gguf_agree(tmp_path, chat_model):
     convert(chat_model, tmp_path / "m.gguf", "f32")
     gg = perplexity(f"gguf:{tmp_path / 'm.gguf'}", str(text), context=128, max_tokens=600, tokenizer_dir=str(chat_model))
     assert hf["tokens"] == gg["tokens"] and gg["ppl"] == pytest.approx(hf["ppl"], rel=1e-3)
+    assert {k: hf[k] for k in ("device", "dtype")} == reference_placement().as_dict()  # fp32 on CPU, bf16 on a GPU
 
 
 def test_contamination_flags_copied_questions(tmp_path):

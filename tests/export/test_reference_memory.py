@@ -26,7 +26,7 @@ def test_an_8b_verification_on_cpu_needs_about_50_gb_of_ram():
     assert 49 * GB < sum(p.bytes for p in parts) < 50 * GB  # 32.1 (fp32) + 16.1 (F16 mapped) + 1.1 (logits)
     problem = shortfall(parts, free_host=24 * GB, free_gpu=None)
     assert "needs about 49.2 GB of RAM" in problem and "24.0 GB is free" in problem
-    assert "the HF model, 8.03B parameters in float32 on cpu: 32.1 GB" in problem
+    assert "the HF model in float32 on cpu, 8.03B parameters: 32.1 GB" in problem
     assert "the largest GGUF file, memory-mapped: 16.1 GB" in problem
     assert shortfall(parts, free_host=64 * GB, free_gpu=None) is None
 

@@ -33,9 +33,8 @@ class Placement:
 
 
 def reference_placement() -> Placement:
-    """bf16 on the GPU when there is one: half of fp32's memory, on the device that does the forward
-    passes fast (an H100 holds an 8B model in bf16, not in fp32 beside anything else). fp32 on CPU
-    otherwise, as before: CPU bf16 matmuls are slower there and only lose precision."""
+    """bf16 on the GPU when there is one: half of fp32's memory, where the forward passes are fast.
+    fp32 on CPU otherwise, as before: bf16 matmuls on CPU are slower and only lose precision."""
     import torch
 
     return Placement("cuda", "bfloat16") if torch.cuda.is_available() else Placement("cpu", "float32")
@@ -64,7 +63,7 @@ def model_parts(params: int, placement: Placement, logits: int, copies: int) -> 
     vocabulary values) on the host; on the GPU also that window's logits in the model's dtype and in
     fp32, as the forward pass leaves them before they are copied out."""
     on_gpu = placement.device == "cuda"
-    parts = [Part(f"the HF model, {params / 1e9:.2f}B parameters in {placement.dtype} on {placement.device}",
+    parts = [Part(f"the HF model in {placement.dtype} on {placement.device}, {params / 1e9:.2f}B parameters",
                   params * placement.bytes_per_param, gpu=on_gpu)]
     if on_gpu:
         parts.append(Part("a window's logits on the GPU", logits * (placement.bytes_per_param + 4), gpu=True))
@@ -79,10 +78,10 @@ def shortfall(parts: list[Part], free_host: int, free_gpu: int | None) -> str | 
         mine = [p for p in parts if p.gpu == on_gpu and p.bytes]
         need = sum(p.bytes for p in mine)
         if need and (free is None or need > free):
-            detail = "; ".join(f"{p.what}: {p.bytes / GB:.1f} GB" for p in mine)
+            detail = " + ".join(f"{p.what}: {p.bytes / GB:.1f} GB" for p in mine)
             problems.append(f"needs about {need / GB:.1f} GB of {where} ({detail}) but "
                             f"{'no GPU is available' if free is None else f'{free / GB:.1f} GB is free'}")
-    return "; ".join(problems) or None
+    return "; and ".join(problems) or None
 
 
 def free_memory(gpu: bool) -> tuple[int, int | None]:
