@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fault_proxy import FaultProxy
 from helpers import REPO, run_cli, scripted_server, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.data import collect
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
-from fabrika.infer.proxy import FaultProxy
 from fabrika.infer.serve import serve_in_background
 
 SAMPLE = REPO / "data" / "samples" / "tagengo_sample.parquet"
