@@ -40,6 +40,7 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, detect_format, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.faults import fault
 from fabrika.infer import batch
 from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
@@ -250,7 +251,7 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
     params = GenerationParams(temperature=temperature, max_new_tokens=cfg.max_tokens, n=n, seed=cfg.seed)
     journaled = [0]
     failed: list[str] = []
-    kill_after = int(os.environ.get("FABRIKA_FAULT_KILL_AFTER_ROWS", "0"))
+    kill_after = fault("kill_after_rows")
 
     def keep(i: int, result) -> None:
         p = todo[i]
