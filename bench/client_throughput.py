@@ -2,9 +2,11 @@
 
     python bench/client_throughput.py [--requests 500] [--latency 0.2]
 
-A trivial OpenAI-compatible echo server answers instantly; the fault-injecting proxy in front of it
-adds a fixed latency to every request. Both run in a child process, so the client does not share the
-interpreter with them. The bound at concurrency c is c / latency requests/s; the table shows how close fabrika's client gets, and the sequential loop a one-off script would run.
+A trivial OpenAI-compatible echo server answers instantly; the fault-injecting proxy of the tests
+(tests/fault_proxy.py) in front of it adds a fixed latency to every request. Both run in a child
+process, so the client does not share the interpreter with them. The bound at concurrency c is
+c / latency requests/s; the table shows how close fabrika's client gets, and the sequential loop a
+one-off script would run.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def start_teacher_process(latency: float):
     import subprocess
     import sys
 
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from client_throughput import start_echo; "
-            "from fabrika.infer.proxy import FaultProxy; p = FaultProxy(start_echo(), latency_s=float(sys.argv[2]))."
+    here = Path(__file__).parent
+    code = ("import sys, time; sys.path[:0] = sys.argv[1:3]; from client_throughput import start_echo; "
+            "from fault_proxy import FaultProxy; p = FaultProxy(start_echo(), latency_s=float(sys.argv[3]))."
             "__enter__(); print(p.url, flush=True); time.sleep(1e6)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(latency)],
+    proc = subprocess.Popen([sys.executable, "-c", code, str(here), str(here.parent / "tests"), str(latency)],
                             stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()
 

@@ -173,10 +173,10 @@ def conversation_tokens(data: Path, tokenizer_dir: Path, sample: int = 300) -> f
     """Mean tokens per conversation under the llama3 template, from a sample."""
     from transformers import AutoTokenizer
 
-    from fabrika.models.templates import get_template
+    from fabrika.models.templates import TEMPLATES
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.chat_template = get_template("llama3").jinja
+    tok.chat_template = TEMPLATES["llama3"].jinja
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:sample]]
     return statistics.mean(len(tok.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows)
 

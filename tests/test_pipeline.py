@@ -69,7 +69,7 @@ def test_run_cache_and_partial_rerun(tmp_path, small_corpus):
 
 def test_interrupted_stage_is_reported_and_resumed(tmp_path, small_corpus):
     path = write_pipeline(tmp_path, small_corpus, max_steps=8, save_steps=4)
-    r = run_cli("run", str(path), env={"FABRIKA_FAULT_KILL_AT_STEP": "6"})
+    r = run_cli("run", str(path), env={"FABRIKA_FAULT": "kill_at_step=6"})
     assert r.returncode == -9
     r = run_cli("status", str(tmp_path / "runs" / "t"))
     assert "interrupted" in r.stdout

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fault_proxy import FaultProxy
 from helpers import REPO, run_cli, scripted_server, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.data import collect
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
-from fabrika.infer.proxy import FaultProxy
 from fabrika.infer.serve import serve_in_background
 
 SAMPLE = REPO / "data" / "samples" / "tagengo_sample.parquet"
@@ -78,7 +78,7 @@ def test_kill_and_resume_asks_only_for_what_is_missing(server, tmp_path):
         cfg = _collect_config(tmp_path, proxy.url)
         out = tmp_path / "run"
         r = run_cli("collect", "--config", str(cfg), "--out", str(out), "--quiet",
-                    env={"FABRIKA_FAULT_KILL_AFTER_ROWS": "4"})
+                    env={"FABRIKA_FAULT": "kill_after_rows=4"})
         assert r.returncode == -signal.SIGKILL, r.stderr
         assert len(list(read_jsonl(out / collect.JOURNAL))) == 4
         time.sleep(0.5)

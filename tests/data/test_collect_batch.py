@@ -84,7 +84,7 @@ def test_killed_between_create_and_journal_finds_the_batch_by_its_tag(tmp_path):
     log: list[dict] = []
     out = tmp_path / "out"
     with batch_server(answer, log, polls=2) as url:
-        r = _collect(tmp_path, url, out, env={"FABRIKA_FAULT_KILL_AFTER_BATCH_CREATE": "1"})
+        r = _collect(tmp_path, url, out, env={"FABRIKA_FAULT": "kill_after_batch_create=1"})
         assert r.returncode == -9
         assert len([e for e in log if e["op"] == "create"]) == 1
         r = _collect(tmp_path, url, out)

@@ -86,7 +86,7 @@ def test_prepare_kill_and_resume_is_byte_identical(tmp_path, tiny_tokenizer, sma
     whole = run_cli("prepare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "whole"), "--quiet")
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = run_cli("prepare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "resumed"), "--quiet",
-                     env={"FABRIKA_FAULT_EXIT_AFTER_SHARDS": "3"})
+                     env={"FABRIKA_FAULT": "exit_after_shards=3"})
     assert killed.returncode == -9
     partial = corpus.read_index(tmp_path / "resumed")
     assert not partial["complete"] and partial["docs_consumed"] > 0

@@ -92,7 +92,7 @@ def test_quota_of_kept_rows_refills_from_the_pool_and_resumes(tmp_path):
         resumed = tmp_path / "resumed"
         fresh = {"FABRIKA_CACHE_DIR": str(tmp_path / "cache-resumed")}  # nothing answered from the first run's cache
         r = run_cli("collect", "--config", cfg, "--out", str(resumed), "--quiet",
-                    env={"FABRIKA_FAULT_KILL_AFTER_ROWS": "10", **fresh})
+                    env={"FABRIKA_FAULT": "kill_after_rows=10", **fresh})
         assert r.returncode == -signal.SIGKILL
         down_after[0] = 20  # the teacher goes down in the middle of the refills
         r = run_cli("collect", "--config", cfg, "--out", str(resumed), "--quiet", env=fresh)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fault_proxy import FaultProxy
 from helpers import REPO, run_cli, run_fabrika, write_jsonl
 
 from fabrika.artifacts import RunContext, read_jsonl
@@ -272,8 +273,6 @@ def test_leaderboard_across_result_folders(tmp_path):
 def test_failed_pairwise_requests_are_judged_again(tmp_path, chat_model):
     from helpers import scripted_server
 
-    from fabrika.infer.proxy import FaultProxy
-
     questions = M.load_questions("mt_bench")[0][:1]
     baseline = write_jsonl(tmp_path / "ref.jsonl", [{"question_id": questions[0]["question_id"], "answer_id": "x",
                                                      "model_id": "reference", "tstamp": 0,
@@ -349,8 +348,6 @@ def test_an_endpoint_refusing_a_long_prompt_skips_that_question_only(tmp_path, s
 
     first, second = M.load_questions("mt_bench")[0][:2]
     write_jsonl(tmp_path / "api_bench.jsonl", [first, {**second, "turns": ["word " * 3000, "and then?"]}])
-    from fabrika.infer.proxy import FaultProxy
-
     with scripted_server(lambda m: "Rating: [[8]]") as judge, FaultProxy(server.url.removesuffix("/v1")) as counted:
         r = run_fabrika("eval", "mtbench", "--model", f"openai:tiny@{counted.url}", "--bench",
                         str(tmp_path / "api_bench.jsonl"), "--judge", f"openai:j@{judge}", "--set",

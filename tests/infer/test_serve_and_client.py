@@ -10,12 +10,12 @@ import os
 import httpx
 import openai
 import pytest
+from fault_proxy import FaultProxy
 from helpers import run_cli
 
 from fabrika.errors import FabrikaError
 from fabrika.infer.backends import GenerationParams, load_generator
 from fabrika.infer.client import ClientConfig, JobStopped, RequestFailed, run_requests
-from fabrika.infer.proxy import FaultProxy
 from fabrika.infer.serve import serve_in_background
 
 HELLO = [{"role": "user", "content": "Say something."}]

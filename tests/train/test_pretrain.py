@@ -69,7 +69,7 @@ def test_killed_run_resumes_exactly(tmp_path, prepared):
 
     resumed = tmp_path / "resumed"
     r = run_cli("pretrain", "--config", str(cfg), "--out", str(resumed), "--quiet",
-                env={"FABRIKA_FAULT_KILL_AT_STEP": "12"})
+                env={"FABRIKA_FAULT": "kill_at_step=12"})
     assert r.returncode == -9, r.stderr[-3000:]  # SIGKILL after step 12; last checkpoint is step 10
     assert read_manifest(resumed) is None
     assert max(losses(resumed)) > 10  # it logged past its last checkpoint before dying

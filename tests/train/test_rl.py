@@ -180,7 +180,7 @@ def test_killed_rl_resumes_exactly(tmp_path, chat_model):
                                             train={"max_steps": 5, "save_steps": 2}), allow_unicode=True))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli("rl", "--config", str(path), "--out", str(straight), "-q").returncode == 0
-    r = run_cli("rl", "--config", str(path), "--out", str(resumed), "-q", env={"FABRIKA_FAULT_KILL_AT_STEP": "4"})
+    r = run_cli("rl", "--config", str(path), "--out", str(resumed), "-q", env={"FABRIKA_FAULT": "kill_at_step=4"})
     assert r.returncode == -9, r.stderr[-3000:]
     r = run_cli("rl", "--config", str(path), "--out", str(resumed), "-q")
     assert r.returncode == 0 and "(step 2)" in r.stdout, r.stderr[-3000:]

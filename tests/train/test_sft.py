@@ -169,7 +169,7 @@ def test_killed_sft_resumes_exactly(tmp_path, plain_base):
                       train={"max_steps": 12, "lr": 5e-3, "logging_steps": 1, "save_steps": 4})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli("sft", "--config", str(path), "--out", str(straight), "--quiet").returncode == 0
-    r = run_cli("sft", "--config", str(path), "--out", str(resumed), "--quiet", env={"FABRIKA_FAULT_KILL_AT_STEP": "6"})
+    r = run_cli("sft", "--config", str(path), "--out", str(resumed), "--quiet", env={"FABRIKA_FAULT": "kill_at_step=6"})
     assert r.returncode == -9, r.stderr[-3000:]  # killed after step 6; the last checkpoint is step 4
     assert read_manifest(resumed) is None and max(_losses(resumed)) > 4  # logged past its checkpoint
     r = run_cli("sft", "--config", str(path), "--out", str(resumed), "--quiet")

@@ -40,6 +40,7 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, detect_format, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.faults import fault
 from fabrika.infer import batch
 from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
@@ -82,7 +83,7 @@ class CollectConfig(Config):
     temperature: float = Field(0.0, ge=0, description="Teacher sampling temperature.")
     max_tokens: int = Field(2048, ge=1, description="Longest teacher answer.")
     n: int = Field(1, ge=1, le=8, description="Answers per prompt.")
-    filters: list[str] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
+    filters: list[F.Filter] = Field(default_factory=lambda: list(F.FILTERS), description="Filters applied to answers.")
     refusal_patterns: list[str] = Field(default_factory=list, description="Extra refusal regexes, matched like the "
                                         "built-in ones against the sentences of the answer's own voice.")
     refusal_judge: str | None = Field(None, description="Also ask this model whether each kept answer is a refusal.")
@@ -90,14 +91,6 @@ class CollectConfig(Config):
                                  "retries, cache_dir, ...).")
     preference: PreferenceParams | None = Field(None, description="Preference mode: chosen/rejected pairs.")
     push_to_hub: str | None = Field(None, description="Also push the dataset to this Hub repo (private).")
-
-    @field_validator("filters")
-    @classmethod
-    def _filters(cls, v):
-        unknown = [f for f in v if f not in F.FILTERS]
-        if unknown:
-            raise ValueError(f"unknown filter(s) {unknown}; known: {', '.join(F.FILTERS)}")
-        return v
 
     @field_validator("refusal_patterns")
     @classmethod
@@ -250,7 +243,7 @@ def _answer(cfg: CollectConfig, ctx: RunContext, kind: str, model: str, prompts:
     params = GenerationParams(temperature=temperature, max_new_tokens=cfg.max_tokens, n=n, seed=cfg.seed)
     journaled = [0]
     failed: list[str] = []
-    kill_after = int(os.environ.get("FABRIKA_FAULT_KILL_AFTER_ROWS", "0"))
+    kill_after = fault("kill_after_rows")
 
     def keep(i: int, result) -> None:
         p = todo[i]

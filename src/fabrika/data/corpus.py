@@ -32,6 +32,7 @@ from pydantic import Field
 from fabrika.artifacts import Artifact, RunContext, atomic_write_bytes, atomic_write_json, fingerprint, read_json
 from fabrika.data.text_sources import ReadStats, TextSources, iter_documents, resolve_files
 from fabrika.errors import FabrikaError
+from fabrika.faults import fault
 from fabrika.models.checks import check_tokenizer_dir
 
 INDEX = "index.json"
@@ -147,7 +148,7 @@ def run(cfg: PrepareConfig, ctx: RunContext) -> Artifact:
     writers = {s: ShardWriter(out, s, dtype, shard_tokens, index[s]) for s in ("train", "val")}
     seen: set[bytes] = set()
     t0 = time.time() - stats["seconds"]
-    kill_after = int(os.environ.get("FABRIKA_FAULT_EXIT_AFTER_SHARDS", "0"))  # test hook: die like kill -9
+    kill_after = fault("exit_after_shards")  # test hook: die like kill -9
 
     def checkpoint(consumed: int) -> None:
         index["docs_consumed"] = consumed

@@ -21,10 +21,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import lru_cache
+from typing import Literal, get_args
 
 from fabrika.errors import FabrikaError
 
-FILTERS = ("refusal", "truncated", "empty", "language_mismatch", "duplicate")
+Filter = Literal["refusal", "truncated", "empty", "language_mismatch", "duplicate"]
+FILTERS: tuple[Filter, ...] = get_args(Filter)
 
 # --- normalization and the answer's own voice ------------------------------------------------
 

@@ -27,7 +27,7 @@ from fabrika.infer.client import ClientConfig, default_cache_dir
 class MTBenchParams(Config):
     bench: list[str] = Field(default_factory=lambda: ["mt_bench"], description="Benches (mt_bench, ru_mt_bench, ru_mt_bench_50, zh_mt_bench) or FastChat question files.")
     judge: str = Field("openai:gpt-4o", description="Judge model reference (a named model, openai:..., hf:...).")
-    prompts: str = Field("auto", description="fastchat, multilingual, or auto (multilingual for non-English).")
+    prompts: Literal["auto", "fastchat", "multilingual"] = Field("auto", description="fastchat, multilingual, or auto (multilingual for non-English).")
     questions: int | None = Field(None, ge=1, description="Only the first N questions (quick checks).")
     max_new_tokens: int = Field(1024, ge=1, description="Answer length, FastChat's default.")
     answers: str | None = Field(None, description="Judge this existing answer file instead of generating.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -38,8 +38,8 @@ class VerifyParams(Config):
 class ExportConfig(Config):
     model: str = Field(description="A stage name, model or adapter directory, hf:ID or Hub id.")
     quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"], description="GGUF types to produce, e.g. q4_k_m,q8_0,f16 (comma-separated on the command line).")
-    base_type: str = Field("f16", description="Type quantization starts from: f16, bf16 or f32 (kept only if "
-                           "quant lists it).")
+    base_type: Literal["f16", "bf16", "f32"] = Field(
+        "f16", description="Type quantization starts from: f16, bf16 or f32 (kept only if quant lists it).")
     imatrix: str | None = Field(None, description="Calibration text for an importance matrix, or builtin.")
     name: str = Field("model", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
                       description="File name stem: <name>-<type>.gguf (a plain name: no folders).")
@@ -239,8 +239,6 @@ def run(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     if unknown:
         raise FabrikaError(f"export.quant: unknown type(s) {', '.join(unknown)}; llama.cpp offers "
                            f"{', '.join(sorted(set(known) | set(writer.DIRECT_TYPES)))}")
-    if cfg.base_type not in ("f16", "bf16", "f32"):
-        raise FabrikaError(f"export.base_type: {cfg.base_type!r}; expected f16, bf16 or f32")
 
     if cfg.imatrix:
         verifier.calibration_text(cfg.imatrix, "export.imatrix")  # a missing file fails before any work

@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
+from fabrika.faults import fault
 from fabrika.infer.backends import GenerationParams, Messages, parse_ref
 from fabrika.infer.client import (ClientConfig, JobStopped, RequestFailed, ResponseCache, chat_body, completions,
                                   price)
@@ -292,7 +293,7 @@ class Batches:
                 input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h", metadata={TAG: tag})
         except Exception as e:
             raise _failure(cfg.base_url, "submitting a batch", e) from None
-        if os.environ.get("FABRIKA_FAULT_KILL_AFTER_BATCH_CREATE"):  # test hook: die before the id is journaled
+        if fault("kill_after_batch_create"):  # test hook: die before the id is journaled
             os.kill(os.getpid(), signal.SIGKILL)
         self.log(event="submitted", tag=tag, batch_id=batch.id)
         self.say(f"batch {batch.id}: submitted {len(ids)} requests to {model}")

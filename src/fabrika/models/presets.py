@@ -12,7 +12,7 @@ qwen2 7b and 72b (`fabrika plan --size list`).
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Callable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -127,7 +127,9 @@ def _gpt2(size: str, vocab: int, positions: int | None):
     return GPT2Config(n_embd=h, n_layer=n, n_head=heads, vocab_size=vocab, n_positions=positions or 1024)
 
 
-ARCHS = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _qwen2, "gpt2": _gpt2}
+Arch = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2"]  # what `model.arch` accepts; ARCHS builds each
+ARCHS: dict[Arch, Callable[..., Any]] = {"llama": _llama, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _qwen2,
+                                         "gpt2": _gpt2}
 
 
 def _choice(kind: str, value: str, options) -> None:
@@ -175,16 +177,9 @@ def count_parameters(config) -> dict[str, int]:
 
 
 class ModelSpec(Config):
-    arch: str = Field("llama", description="llama, mistral, mixtral, qwen2 or gpt2.")
+    arch: Arch = Field("llama", description="llama, mistral, mixtral, qwen2 or gpt2.")
     size: str = Field("tiny", description="tiny, 125m, 350m, 1b, 3b or 8b.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config attributes to change.")
-
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        if v not in ARCHS:
-            raise ValueError(f"unknown architecture; choose from {', '.join(ARCHS)}")
-        return v
 
     @field_validator("size")
     @classmethod

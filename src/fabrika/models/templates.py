@@ -9,8 +9,7 @@ markers, which is how transformers and TRL find the tokens to compute the loss o
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from fabrika.errors import FabrikaError
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,10 @@ MISTRAL = (
     "{% endfor %}"
 )
 
-TEMPLATES = {
+TemplateName = Literal["chatml", "llama3", "mistral"]  # what a config may name; TEMPLATES holds each
+TEMPLATES: dict[TemplateName, Template] = {
     "chatml": Template(CHATML, "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
     "llama3": Template(LLAMA3, "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     "mistral": Template(MISTRAL, None, ()),
 }
 
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise FabrikaError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}, or 'tokenizer'")
-    return TEMPLATES[name]

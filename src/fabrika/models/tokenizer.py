@@ -29,7 +29,7 @@ from pydantic import Field
 from fabrika.artifacts import Artifact, RunContext
 from fabrika.data.text_sources import ReadStats, TextSources, iter_documents
 from fabrika.errors import FabrikaError
-from fabrika.models.templates import get_template
+from fabrika.models.templates import TEMPLATES, TemplateName
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -41,7 +41,7 @@ class TokenizerConfig(TextSources):
     eos_token: str = Field("<|endoftext|>", description="End-of-document token (separates documents in prepare).")
     pad_token: str = Field("<|pad|>", description="Padding token.")
     extra_special_tokens: list[str] = Field(default_factory=list, description="More special tokens.")
-    chat_template: str = Field("chatml", description="chatml, llama3 or mistral: its tokens become special tokens.")
+    chat_template: TemplateName = Field("chatml", description="chatml, llama3 or mistral: its tokens become special tokens.")
     pre_tokenizer: Literal["gpt2", "qwen2"] = Field(
         "gpt2", description="gpt2 (digit runs kept whole) or qwen2 (digits one by one, NFC): qwen2 models need qwen2.")
     max_train_bytes: int = Field(512 * 2**20, ge=1, description="Text used for training at most (bytes).")
@@ -56,7 +56,7 @@ def inputs(cfg: TokenizerConfig) -> list[str]:
 
 
 def special_tokens(cfg: TokenizerConfig) -> list[str]:
-    template = get_template(cfg.chat_template)
+    template = TEMPLATES[cfg.chat_template]
     tokens = [cfg.bos_token, cfg.eos_token, cfg.pad_token, *template.special_tokens, *cfg.extra_special_tokens]
     return list(dict.fromkeys(tokens))
 
@@ -100,7 +100,7 @@ def run(cfg: TokenizerConfig, ctx: RunContext) -> Artifact:
     if stats.documents == 0:
         raise FabrikaError(f"paths/dataset: no text found in {', '.join(cfg.paths) or cfg.dataset}")
 
-    template = get_template(cfg.chat_template)
+    template = TEMPLATES[cfg.chat_template]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=cfg.bos_token, eos_token=cfg.eos_token,
                                    pad_token=cfg.pad_token, model_max_length=cfg.model_max_length,
                                    additional_special_tokens=[t for t in specials

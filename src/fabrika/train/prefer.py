@@ -21,6 +21,7 @@ from fabrika.config import Config
 from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
+from fabrika.models.templates import TemplateName
 from fabrika.train import setup
 from fabrika.train.sft import (LoraParams, apply_template, check_model, load_base, lora_config, model_path,
                                save_final)
@@ -39,7 +40,7 @@ class PreferConfig(Config):
     beta: float = Field(0.1, gt=0, description="Strength of the preference (KL) term.")
     method: Literal["full", "lora"] = Field("lora", description="Train all weights (full) or a LoRA adapter (lora).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings.")
-    template: str = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
+    template: Literal[TemplateName, "tokenizer"] = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     max_length: int = Field(1024, ge=16, description="Prompt + answer tokens kept.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction of pairs.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")

@@ -24,6 +24,7 @@ from fabrika.data import filters as F
 from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.models.templates import TemplateName
 from fabrika.train import rewards as R
 from fabrika.train import setup
 from fabrika.train.judge_reward import Judge, JudgeReward
@@ -85,7 +86,7 @@ class RLConfig(Config):
     beta: float = Field(0.04, ge=0, description="KL penalty to the starting model (0: no reference, no KL).")
     method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
-    template: str = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
+    template: Literal[TemplateName, "tokenizer"] = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
     train: setup.TrainParams = Field(default_factory=_rl_train_defaults, description="Optimisation settings.")
 

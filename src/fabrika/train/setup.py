@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from fabrika.artifacts import atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.faults import fault
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -324,7 +325,7 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
                 f.write(json.dumps(row) + "\n")
 
     class FaultInjection(TrainerCallback):
-        """Test hook: FABRIKA_FAULT_KILL_AT_STEP=N makes the process SIGKILL itself after step N,
+        """Test hook: FABRIKA_FAULT=kill_at_step=N makes the process SIGKILL itself after step N,
         the way an OOM killer or a preempted node would."""
 
         def __init__(self, step: int) -> None:
@@ -370,6 +371,6 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
     callbacks = [MetricsLogger()]
     if live() and is_main_process():
         callbacks.append(ProgressLine())
-    if os.environ.get("FABRIKA_FAULT_KILL_AT_STEP"):
-        callbacks.append(FaultInjection(int(os.environ["FABRIKA_FAULT_KILL_AT_STEP"])))
+    if kill_at := fault("kill_at_step"):
+        callbacks.append(FaultInjection(kill_at))
     return callbacks

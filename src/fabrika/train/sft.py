@@ -28,7 +28,7 @@ from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
-from fabrika.models.templates import get_template
+from fabrika.models.templates import TEMPLATES, TemplateName
 from fabrika.train import lm_head, setup
 
 ADAPTER_DIR = "adapter"
@@ -59,7 +59,7 @@ def _sft_train_defaults() -> setup.TrainParams:
 class SFTConfig(Config):
     model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
     data: str | list[DataSource] = Field(description="Chat data: a stage, dataset dir, file or Hub id; or a weighted list of sources.")
-    template: str = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
+    template: Literal[TemplateName, "tokenizer"] = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
     method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train: full (all weights), lora (an adapter) or qlora (an adapter on a 4-bit base).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
@@ -142,7 +142,7 @@ def apply_template(tokenizer, model, name: str, need_generation_marker: bool) ->
             raise FabrikaError("sft.template: the model's tokenizer has no chat template; choose chatml, llama3 or mistral")
         eot = tokenizer.eos_token
     else:
-        spec = get_template(name)
+        spec = TEMPLATES[name]
         missing = [t for t in spec.special_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if missing:
             added = tokenizer.add_special_tokens({"additional_special_tokens": missing})

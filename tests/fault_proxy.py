@@ -4,6 +4,8 @@ It sits in front of an OpenAI-compatible server on loopback and, per request, fo
 `ok`, `429` (with Retry-After), `500`, `slow` (answers after a delay longer than a client timeout),
 `drop` (closes the connection without answering), or adds a fixed latency to every request. It counts
 what it received and what it forwarded, so tests can prove that nothing was sent twice.
+It lives with the tests because only they and `bench/` use it: fabrika itself never injects faults
+into HTTP traffic.
 """
 
 from __future__ import annotations
