@@ -27,7 +27,8 @@ if not console.is_terminal and console.width < 120:  # logs and CI: tables of nu
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
 SetOpt = typer.Option(None, "--set", help="Override a setting, any key of docs/configuration.md: --set KEY=VALUE, "
                       "nested keys dotted (train.lr=1e-4 in a training stage) (repeatable).")
-OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (resumes if it exists).")
+OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage: kept when it holds this command's "
+                      "finished result, resumed when unfinished, started afresh when settings or input files changed.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 _FROM_CONFIG = re.compile(r"^@(\w+):([\w.]+)$")
 
@@ -286,14 +287,13 @@ def prefer(
 
 @app.command()
 def rl(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (base, sft or prefer output)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prompts: a file, dataset dir, collect output."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=described("rl", "model")),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=described("rl", "data")),
     reward: Optional[list[str]] = typer.Option(None, "--reward", help="Rewards and weights: judge=1,language=0.5 "
                                                "(judge, verifiable, language, length, format; repeatable)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Judge of the judge reward: openai:gpt-4o, openai:M@URL, "
-                                        "hf:DIR."),
+    judge: Optional[str] = typer.Option(None, "--judge", help=described("rl", "rewards.judge.model")),
     method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, help=described("rl", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:

@@ -89,13 +89,15 @@ CONFIG = EvaluateConfig
 
 
 def inputs(cfg: EvaluateConfig) -> list[str]:
+    """Everything the results depend on, answer and question files too: judged again when they change."""
     refs = [cfg.model, cfg.tokenizer]
     if cfg.perplexity:
         refs.append(cfg.perplexity.data)
     if cfg.contamination:
         refs.append(cfg.contamination.data)
     if cfg.mtbench:
-        refs.append(cfg.mtbench.judge)
+        refs += [cfg.mtbench.judge, cfg.mtbench.answers, cfg.mtbench.baseline]
+        refs += [b for b in cfg.mtbench.bench if b not in M.BENCHES]
     return [r for r in refs if r]
 
 
