@@ -44,7 +44,7 @@ def test_a_stage_command_reuses_resumes_and_restarts_its_folder(tmp_path, small_
     assert second != first
 
     stray.write_text("x", encoding="utf-8")
-    r = run_cli(*args[:-3], "--vocab-size", "320", "--out", str(out))  # other settings
+    r = run_cli(*args[:2], "--vocab-size", "320", "--out", str(out))  # other settings
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokenizer (tokenizer) — running" in r.stdout and not stray.exists()
     assert _fingerprint(out) not in (first, second)
