@@ -1,6 +1,7 @@
 """A stage command (`fabrika tokenizer ... --out D`) treats D as a pipeline treats a stage's folder: the
 same command again reuses D, an unfinished D is resumed, and changed input data or settings start D
-afresh instead of resuming work made from other inputs."""
+afresh instead of resuming work made from other inputs; a finished D whose files changed since is
+never rebuilt behind the user's back."""
 
 from __future__ import annotations
 
@@ -48,3 +49,8 @@ def test_a_stage_command_reuses_resumes_and_restarts_its_folder(tmp_path, small_
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokenizer (tokenizer) — running" in r.stdout and not stray.exists()
     assert _fingerprint(out) not in (first, second)
+
+    (out / "tokenizer" / "tokenizer.json").write_text("{}", encoding="utf-8")  # a finished result damaged since
+    r = run_cli(*args[:2], "--vocab-size", "320", "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tokenizer.json" in r.stderr and f"Delete {out}" in r.stderr
