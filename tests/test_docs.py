@@ -36,6 +36,7 @@ def test_every_key_is_described():
     (["collect"], "--concurrency", "collect", "client.concurrency"),
     (["eval", "mtbench"], "--judge", "evaluate", "mtbench.judge"),
     (["pretrain"], "--max-steps", "pretrain", "train.max_steps"),
+    (["rl"], "--judge", "rl", "rewards.judge.model"),
 ])
 def test_cli_help_comes_from_the_field(command, option, kind, key):
     described = field_help(stage_module(kind).CONFIG, key)

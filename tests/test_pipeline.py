@@ -11,7 +11,8 @@ import yaml
 
 from helpers import run_cli
 from fabrika.errors import FabrikaError
-from fabrika.pipeline import load_pipeline, run_pipeline, stage_state, status_table
+from fabrika.pipeline import load_pipeline, run_pipeline, stage_state
+from fabrika.runs import status_table
 
 
 def write_pipeline(tmp_path: Path, corpus: Path, **pretrain_train) -> Path:

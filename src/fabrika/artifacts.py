@@ -24,7 +24,9 @@ from typing import Any, Iterator
 from fabrika import __version__
 from fabrika.errors import FabrikaError
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # written last: its presence means the stage finished
+FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
+FAILED_FILE = ".failed"  # why the last attempt failed, until the stage runs again
 
 
 # --- crash-safe writes -------------------------------------------------------------------------

@@ -27,7 +27,8 @@ if not console.is_terminal and console.width < 120:  # logs and CI: tables of nu
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's settings.")
 SetOpt = typer.Option(None, "--set", help="Override a setting, any key of docs/configuration.md: --set KEY=VALUE, "
                       "nested keys dotted (train.lr=1e-4 in a training stage) (repeatable).")
-OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage (resumes if it exists).")
+OutOpt = typer.Option(..., "--out", "-o", help="Output directory of the stage: kept when it holds this command's "
+                      "finished result, resumed when unfinished, started afresh when settings or input files changed.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 _FROM_CONFIG = re.compile(r"^@(\w+):([\w.]+)$")
 
@@ -92,38 +93,19 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return rows
 
 
-def _holds_work(out: Path) -> bool:
-    """Whether a stage folder holds anything paid for or computed. A failed first attempt (a wrong flag, a
-    teacher that was down) leaves only its fingerprint, logs and empty files: the retry with corrected
-    settings reuses the folder instead of being refused."""
-    from fabrika.pipeline import FAILED_FILE, FINGERPRINT_FILE
-
-    return any(p.is_file() and p.name not in (FINGERPRINT_FILE, FAILED_FILE) and p.suffix != ".log"
-               and p.stat().st_size > 0 for p in out.rglob("*"))
-
-
 def run_stage_command(kind: str, config: Optional[Path], flags: dict[str, Any], overrides: Optional[list[str]],
                       out: Path, quiet: bool = False, seed: int = 0, metrics_table: bool = True):
-    """Run one stage outside a pipeline: the same `run(cfg, ctx)` the pipeline calls."""
-    from fabrika.artifacts import RunContext, fingerprint
+    """Run one stage outside a pipeline, by the pipeline's own rules (pipeline.run_single): the same
+    `run(cfg, ctx)`, reused, resumed or restarted as a pipeline's stage would be."""
     from fabrika.config import load
-    from fabrika.pipeline import FINGERPRINT_FILE, stage_module
+    from fabrika.pipeline import run_single, stage_module
 
-    module = stage_module(kind)
     if quiet:
         from fabrika.logs import quiet_libraries
 
         quiet_libraries()
-    cfg = load(module.CONFIG, config, flags=flags, overrides=overrides)
-    fp = fingerprint({"kind": kind, "config": cfg.model_dump(mode="json"), "seed": seed})
-    out.mkdir(parents=True, exist_ok=True)
-    fp_file = out / FINGERPRINT_FILE
-    if fp_file.exists() and fp_file.read_text().strip() != fp and _holds_work(out):
-        raise FabrikaError(f"{out}: holds the output of a {kind} run with other settings; "
-                           "choose another --out or delete it")
-    fp_file.write_text(fp + "\n")
-    ctx = RunContext(stage=kind, kind=kind, stage_dir=out, seed=seed, fingerprint=fp, quiet=quiet)
-    artifact = module.run(cfg, ctx)
+    cfg = load(stage_module(kind).CONFIG, config, flags=flags, overrides=overrides)
+    artifact = run_single(kind, cfg, out, seed=seed, quiet=quiet, console=console)
     if artifact.metrics and metrics_table and not quiet:
         from rich.table import Table
 
@@ -154,7 +136,8 @@ def run(
                                    "stage output goes to run.log."),
 ) -> None:
     """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
-    from fabrika.pipeline import load_pipeline, run_pipeline, status_table
+    from fabrika.pipeline import load_pipeline, run_pipeline
+    from fabrika.runs import status_table
     from fabrika.train.setup import is_main_process
 
     if gpus is not None:
@@ -178,7 +161,7 @@ def run(
 @app.command()
 def status(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
     """Show each stage of a run: done / interrupted / failed / pending, duration, key metrics."""
-    from fabrika.pipeline import status_table
+    from fabrika.runs import status_table
 
     console.print(status_table(run_dir))
 
@@ -304,14 +287,13 @@ def prefer(
 
 @app.command()
 def rl(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (base, sft or prefer output)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prompts: a file, dataset dir, collect output."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=described("rl", "model")),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=described("rl", "data")),
     reward: Optional[list[str]] = typer.Option(None, "--reward", help="Rewards and weights: judge=1,language=0.5 "
                                                "(judge, verifiable, language, length, format; repeatable)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Judge of the judge reward: openai:gpt-4o, openai:M@URL, "
-                                        "hf:DIR."),
+    judge: Optional[str] = typer.Option(None, "--judge", help=described("rl", "rewards.judge.model")),
     method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, help=described("rl", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -373,69 +355,24 @@ def eval_show(files: list[Path] = typer.Argument(..., help="model_judgment/*_sin
                                                   "--pairwise) files, FastChat's or ours."),
               pairwise: bool = typer.Option(False, "--pairwise", help="The files are pairwise judgments.")) -> None:
     """Scores from judgment files, as FastChat's show_result.py computes them, plus per category."""
-    from rich.table import Table
+    from fabrika.evaluate.render import pairwise_table, single_tables
 
-    from fabrika.evaluate.scores import (fmt, pair_win_rate, question_categories, read_judgments,
-                                         read_pair_judgments, summarise, summarise_pairs)
-
-    if pairwise:
-        table = Table(title="MT-Bench (pairwise; disagreement between the two orders = tie)")
-        for col in ("models", "model 1 wins", "model 2 wins", "ties", "errors", "model 1 win rate"):
-            table.add_column(col, justify="right")
-        for pair, c in summarise_pairs(read_pair_judgments(files)).items():
-            rate = pair_win_rate(c)
-            table.add_row(pair, str(c["model_1_wins"]), str(c["model_2_wins"]), str(c["ties"]), str(c["errors"]),
-                          "—" if rate is None else f"{rate:.0%}")
-        console.print(table)
-        return
-    rows = read_judgments(files)
-    categories = {}
-    for f in files:
-        categories.update(question_categories(f))
-    summary = summarise(rows, categories, languages={str(f): f.parent.parent.name for f in files})
-    table = Table(title="MT-Bench (single-answer grading)")
-    for col in ("model", "turn 1", "turn 2", "overall", "graded", "failed"):
-        table.add_column(col, justify="right")
-    ranked = sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0))
-    for model, s in ranked:
-        table.add_row(model, fmt(s["turn1"]), fmt(s["turn2"]), fmt(s["overall"]), str(s["n"]), str(s["failed"]))
-    console.print(table)
-    by_cat = Table(title="by category")
-    by_cat.add_column("category")
-    for model, _ in ranked:
-        by_cat.add_column(model, justify="right")
-    for cat in sorted({c for _, s in ranked for c in s["by_category"]}):
-        by_cat.add_row(cat, *(fmt(s["by_category"].get(cat)) for _, s in ranked))
-    console.print(by_cat)
-    for model, s in summary.items():
-        if len(s["by_language"]) > 1:
-            console.print(f"{model} by language: " + ", ".join(f"{k} {fmt(v)}" for k, v in s["by_language"].items()))
+    for shown in [pairwise_table(files)] if pairwise else single_tables(files):
+        console.print(shown)
 
 
 @eval_app.command("leaderboard")
 def eval_leaderboard(dirs: list[Path] = typer.Argument(..., help="Results folders (searched at any depth)."),
                      out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write it as Markdown.")) -> None:
     """Every model evaluated in these folders, per bench, beside the published scores."""
-    from rich.table import Table
-
     from fabrika.artifacts import atomic_write_text
-    from fabrika.evaluate.scores import fmt, leaderboard
+    from fabrika.evaluate.render import leaderboard_tables
 
-    md = ["# MT-Bench leaderboard", ""]
-    for bench, entries in leaderboard(dirs).items():
-        table = Table(title=f"{bench}")
-        md += [f"## {bench}", "", "| # | model | turn 1 | turn 2 | overall | judge |", "|---|---|---|---|---|---|"]
-        for col in ("#", "model", "turn 1", "turn 2", "overall", "judge"):
-            table.add_column(col, justify="right")
-        for i, e in enumerate(entries, 1):
-            name = f"{e['model']} (published)" if e["published"] else e["model"]
-            cells = [str(i), name, fmt(e["turn1"]), fmt(e["turn2"]), fmt(e["overall"]), e["judge"]]
-            table.add_row(*cells, style="dim" if e["published"] else None)
-            md.append("| " + " | ".join(cells) + " |")
-        md.append("")
+    tables, md = leaderboard_tables(dirs)
+    for table in tables:
         console.print(table)
     if out:
-        atomic_write_text(out, "\n".join(md))
+        atomic_write_text(out, md)
         console.print(f"written: {out}")
 
 

@@ -21,23 +21,26 @@ import re
 import shutil
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from fabrika import __version__
-from fabrika.artifacts import (Artifact, RunContext, atomic_write_json, damaged_outputs, fingerprint,
-                               path_fingerprint, read_json, read_manifest)
+from fabrika import __version__, report
+from fabrika.artifacts import (FAILED_FILE, FINGERPRINT_FILE, Artifact, RunContext, atomic_write_json, fingerprint,
+                               path_fingerprint)
 from fabrika.config import Config, apply_overrides, interpolate, load_yaml, validate
 from fabrika.errors import FabrikaError
 from fabrika.logs import event, quiet_libraries, stage_output
 from fabrika.ranks import JOIN, NEXT, Ranks
 from fabrika.relative_paths import rebase
+from fabrika.runs import (PIPELINE_FILE, check_stage_name, damage_report, disk_state, format_numbers, key_metrics,
+                          stage_path)
 
 # Stage kinds and the modules that hold them: an explicit map, imported only when a stage runs.
 STAGES: dict[str, str] = {
@@ -55,10 +58,6 @@ STAGES: dict[str, str] = {
 # Kinds that every process of a multi-process launch runs together; rank 0 runs the others alone.
 DISTRIBUTED = {"pretrain", "sft", "prefer", "rl"}
 
-PIPELINE_FILE = "pipeline.json"  # the resolved pipeline, so `status` knows the stages and their order
-FINGERPRINT_FILE = ".fingerprint"  # written when a stage starts: a later run can tell resume from restart
-FAILED_FILE = ".failed"
-STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a stage's name is its directory's name: no "/", no ".."
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # the default run directory's name
 
 log = logging.getLogger("fabrika")
@@ -72,23 +71,6 @@ class PipelineConfig(Config):
     stages: dict[str, dict[str, Any]] = Field(description="Stages in run order; `kind` defaults to the key.")
     engine: Literal["auto", "vllm", "transformers"] | None = Field(
         None, description="Engine of local hf: models in every stage (FABRIKA_ENGINE; auto: vLLM on a CUDA GPU).")
-
-
-def check_stage_name(name: Any, source: str) -> str:
-    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
-        raise FabrikaError(f"{source}: stages: {name!r} is not a usable stage name: it names the stage's directory, "
-                           "so it may hold only letters, digits, '_' and '-'")
-    return name
-
-
-def stage_path(run_dir: Path, name: str, source: str) -> Path:
-    """<run_dir>/<name>, refused when it resolves anywhere else (a symlink out of the run directory):
-    `--force` deletes this directory, and must never delete what the run does not own."""
-    d = run_dir / check_stage_name(name, source)
-    if d.resolve().parent != run_dir.resolve():
-        raise FabrikaError(f"{d}: the directory of stage {name!r} resolves to {d.resolve()}, outside the run directory "
-                           f"{run_dir}; remove that link")
-    return d
 
 
 def stage_module(kind: str) -> ModuleType:
@@ -175,15 +157,18 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
     ordered = _topological(parsed, source)
     for stage in ordered:
-        stage.fingerprint = fingerprint({
-            "kind": stage.kind,
-            "config": stage.cfg.model_dump(mode="json"),
-            "inputs": {r: parsed[r].fingerprint if r in parsed else _external_fingerprint(cfg.models.get(r, r))
-                       for r in stage.refs},
-            "seed": cfg.seed,
-            "fabrika": __version__,
-        })
+        stage.fingerprint = stage_fingerprint(stage, {r: parsed[r].fingerprint if r in parsed
+                                                      else _external_fingerprint(cfg.models.get(r, r))
+                                                      for r in stage.refs}, cfg.seed)
     return Pipeline(cfg=cfg, source=source, run_dir=run_dir, stages=ordered)
+
+
+def stage_fingerprint(stage: Stage, inputs: dict[str, Any], seed: int) -> str:
+    """What a stage's result depends on: its config, its inputs' fingerprints, the seed and fabrika's
+    version. The same recipe in a pipeline and for a single-stage command, so both reuse, resume and
+    restart a stage for the same reasons."""
+    return fingerprint({"kind": stage.kind, "config": stage.cfg.model_dump(mode="json"), "inputs": inputs,
+                        "seed": seed, "fabrika": __version__})
 
 
 def _check_reference(ref: str, stage: str, cfg: PipelineConfig, source: str) -> None:
@@ -230,46 +215,8 @@ def _topological(stages: dict[str, Stage], source: str) -> list[Stage]:
     return done
 
 
-def disk_state(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
-    """done, damaged (done, but an output changed since), stale (finished with another config), failed,
-    interrupted or pending, and the manifest."""
-    manifest = read_manifest(stage_dir)
-    if manifest is not None:
-        if manifest.get("fingerprint") != fingerprint:
-            return "stale", manifest
-        return ("damaged" if damaged_outputs(stage_dir, manifest) else "done"), manifest
-    if (stage_dir / FAILED_FILE).exists():
-        return "failed", None
-    return ("interrupted" if stage_dir.exists() else "pending"), None
-
-
-def damage_report(stage_dir: Path, name: str) -> str:
-    """Why a finished stage is not reused. A damaged stage is never rebuilt on its own: it may have
-    cost money or days, and what changed its files (a disk, a person) is worth a look first."""
-    problems = damaged_outputs(stage_dir, read_manifest(stage_dir) or {})
-    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return (f"stage {name!r} finished, but its outputs in {stage_dir} changed since: {'; '.join(problems[:3])}{more}. "
-            f"Run again with --force {name} to rebuild it")
-
-
 def stage_state(pipe: Pipeline, stage: Stage) -> str:
     return disk_state(pipe.stage_dir(stage.name), stage.fingerprint)[0]
-
-
-def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A run directory as `fabrika run` left it: the pipeline spec, and per stage its spec entry with
-    `dir`, `state` and `manifest` ({} until done)."""
-    run_dir = Path(run_dir)
-    spec_file = run_dir / PIPELINE_FILE
-    if not spec_file.exists():
-        raise FabrikaError(f"{run_dir}: not a run directory ({PIPELINE_FILE} missing); run `fabrika run` first")
-    spec = read_json(spec_file)
-    stages = []
-    for s in spec["stages"]:
-        d = stage_path(run_dir, s["name"], str(spec_file))
-        state, manifest = disk_state(d, s["fingerprint"])
-        stages.append({**s, "dir": d, "state": state, "manifest": manifest or {}})
-    return spec, stages
 
 
 def _select(pipe: Pipeline, only: list[str] | None, start: str | None, force: list[str] | None) -> tuple[set[str], set[str]]:
@@ -326,10 +273,7 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
                 ranks.tell(stage.name, NEXT)
                 continue
             if state == "done" and stage.name not in forced:
-                console.print(f"[green]✓[/] {stage.name}: cached (fingerprint {stage.fingerprint})")
-                event(log, f"{stage.name}: cached", event="stage_cached", stage=stage.name,
-                      fingerprint=stage.fingerprint)
-                results[stage.name] = Artifact.load(d)
+                results[stage.name] = _cached(stage, d, console)
                 ranks.tell(stage.name, NEXT)
                 continue
             if state == "damaged" and stage.name not in forced:
@@ -338,9 +282,10 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
             if missing:
                 raise FabrikaError(f"stage {stage.name!r} needs {', '.join(missing)} to be done first "
                                    f"(run without --only, or with --only {' '.join(missing)})")
-            results[stage.name] = run_stage(pipe, stage, restart=state in ("stale",) or stage.name in forced,
-                                            quiet=quiet, console=console, ranks=ranks, json_logs=json_logs,
-                                            live_line=live_line)
+            results[stage.name] = run_stage(stage, d, lambda: pipe.context(stage, quiet=quiet),
+                                            restart=state == "stale" or stage.name in forced, console=console,
+                                            ranks=ranks, run_log=pipe.run_dir / "run.log",
+                                            mute=json_logs or quiet, live_line=live_line)
     except BaseException as e:
         error = e
         raise
@@ -359,8 +304,6 @@ def run_pipeline(pipe: Pipeline, only: list[str] | None = None, start: str | Non
 def _write_report(run_dir: Path, console: Console) -> None:
     """The report is written after every run, finished or not; a report that cannot be made is worth
     a warning, never the run's failure."""
-    from fabrika import report
-
     try:
         page, _ = report.build(run_dir)
     except Exception as e:  # noqa: BLE001
@@ -371,9 +314,18 @@ def _write_report(run_dir: Path, console: Console) -> None:
     event(log, f"report: {page}", event="report", path=str(page))
 
 
-def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console: Console,
-              ranks: Ranks, json_logs: bool = False, live_line: bool = False) -> Artifact:
-    d = pipe.stage_dir(stage.name)
+def _cached(stage: Stage, d: Path, console: Console) -> Artifact:
+    console.print(f"[green]✓[/] {stage.name}: cached (fingerprint {stage.fingerprint})")
+    event(log, f"{stage.name}: cached", event="stage_cached", stage=stage.name, fingerprint=stage.fingerprint)
+    return Artifact.load(d)
+
+
+def run_stage(stage: Stage, d: Path, context: Callable[[], RunContext], restart: bool, console: Console,
+              ranks: Ranks, run_log: Path | None = None, mute: bool = False, live_line: bool = False) -> Artifact:
+    """Run `stage` in its directory `d`: from an empty one when `restart` or when an earlier attempt had
+    another fingerprint, else resumed from whatever the attempt left. `context` is called once the
+    directory is ready. With `run_log` the stage's stdout and stderr are copied there (`mute`: there
+    alone)."""
     fp_file = d / FINGERPRINT_FILE
     previous = fp_file.read_text().strip() if fp_file.exists() else None
     if restart or (previous is not None and previous != stage.fingerprint):
@@ -391,26 +343,59 @@ def run_stage(pipe: Pipeline, stage: Stage, restart: bool, quiet: bool, console:
     console.rule(f"[bold]{stage.name}[/] ({stage.kind}) — {verb}")
     event(log, f"{stage.name}: {verb} ({stage.kind})", event="stage_started", stage=stage.name, kind=stage.kind,
           resumed=resumed)
-    ctx = pipe.context(stage, quiet=quiet)
+    ctx = context()
+    output = stage_output(run_log, stage.name, mute=mute, live_line=live_line) if run_log else nullcontext()
     try:
-        with stage_output(pipe.run_dir / "run.log", stage.name, mute=json_logs or quiet, live_line=live_line):
+        with output:
             artifact = stage.module.run(stage.cfg, ctx)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             (d / FAILED_FILE).write_text(f"{type(e).__name__}: {e}\n")
-            with open(pipe.run_dir / "run.log", "a", encoding="utf-8") as f:  # for whoever debugs it
-                f.write(traceback.format_exc())
+            if run_log:
+                with open(run_log, "a", encoding="utf-8") as f:  # for whoever debugs it
+                    f.write(traceback.format_exc())
             event(log, f"{stage.name} failed: {e}", logging.ERROR, event="stage_failed", stage=stage.name,
                   error=str(e))
         raise
     if not distributed:
         ranks.tell(stage.name, NEXT)
     took = time.time() - ctx.started
-    numbers = _format_estimate(key_metrics(artifact.metrics or {}))
+    numbers = format_numbers(key_metrics(artifact.metrics or {}))
     console.print(f"[green]✓[/] {stage.name}: done in {took:.1f}s" + (f" — {numbers}" if numbers else ""))
     event(log, f"{stage.name}: done in {took:.1f}s, metrics {artifact.metrics}", event="stage_done",
           stage=stage.name, seconds=round(took, 3), metrics=artifact.metrics)
     return artifact
+
+
+def run_single(kind: str, cfg: Any, out: Path, seed: int = 0, quiet: bool = False,
+               console: Console | None = None) -> Artifact:
+    """One stage outside a pipeline (`fabrika sft ... --out D`), run by the pipeline's own rules: reused
+    when D holds a finished result of the same fingerprint, resumed when D holds an unfinished attempt
+    of it, restarted from an empty D when the config, the seed or an input file changed. The stage is
+    named after its kind, as its manifest says. Under a launcher, rank 0 prepares D and the other ranks
+    join training stages only, as in a pipeline whose run directory is D's parent."""
+    module = stage_module(kind)
+    stage = Stage(kind, kind, module, cfg, deps=[], refs=[r for r in module.inputs(cfg) if r])
+    stage.fingerprint = stage_fingerprint(stage, {r: _external_fingerprint(r) for r in stage.refs}, seed)
+    console = console or Console(quiet=quiet)
+
+    def context() -> RunContext:
+        return RunContext(stage=kind, kind=kind, stage_dir=out, seed=seed, fingerprint=stage.fingerprint, quiet=quiet)
+
+    ranks = Ranks(out.parent)
+    if not ranks.leader:
+        return module.run(cfg, context()) if ranks.hear(kind) == JOIN else Artifact.load(out)
+    try:
+        state = disk_state(out, stage.fingerprint)[0]
+        if state == "done":
+            ranks.tell(kind, NEXT)
+            return _cached(stage, out, console)
+        if state == "damaged":
+            raise FabrikaError(damage_report(out, kind, remedy=f"Delete {out} (or choose another --out) to run it again"))
+        return run_stage(stage, out, context, restart=state == "stale", console=console, ranks=ranks)
+    except BaseException as e:
+        ranks.abort(str(e) or type(e).__name__)
+        raise
 
 
 def _attach_run_log(run_dir: Path) -> logging.Handler:
@@ -456,7 +441,7 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
                 warning = dry_run.repeated_corpus(estimates, stage.cfg.data, data_dir,
                                                   estimates[stage.name]["train_tokens"])
                 warnings += [f"{stage.name}: {warning}"] if warning else []
-            estimate = _format_estimate({k: v for k, v in estimates[stage.name].items() if not k.startswith("_")},
+            estimate = format_numbers({k: v for k, v in estimates[stage.name].items() if not k.startswith("_")},
                                         sep="\n")
         table.add_row(stage.name, stage.kind, ", ".join(stage.refs), action, estimate)
     console.print(table)
@@ -464,50 +449,4 @@ def print_plan(pipe: Pipeline, selected: set[str], forced: set[str], console: Co
         console.print(f"[yellow]warning[/]: {warning}")
     console.print(dry_run.totals([s for s in pipe.stages if s.name in estimates], estimates))
 
-
-def _format_estimate(est: dict[str, Any], sep: str = ", ") -> str:
-    parts = []
-    for k, v in est.items():
-        if isinstance(v, float):
-            v = f"{v:.3g}"
-        elif isinstance(v, int) and v >= 10_000:
-            v = f"{v:,}"
-        parts.append(f"{k}={v}")
-    return sep.join(parts)
-
-
-KEY_METRICS = ("eval_loss", "eval_ppl", "train_loss", "reward_last", "tokens_per_s", "mfu", "kept", "cost_usd",
-               "mt_bench", "ppl", "train_tokens", "documents", "vocab_size", "f16_kl", "q4_k_m_kl")
-
-
-def key_metrics(metrics: dict[str, Any], limit: int = 4) -> dict[str, Any]:
-    """The few numbers worth a glance in a status table, most telling first."""
-    picked = {k: metrics[k] for k in KEY_METRICS if isinstance(metrics.get(k), (int, float, str))}
-    return dict(list(picked.items())[:limit])
-
-
-def status_table(run_dir: str | Path) -> Table:
-    """The state of every stage of a run directory, from what is on disk."""
-    from fabrika.infer.batch import in_flight_line
-
-    spec, stages = read_run(run_dir)
-    table = Table(title=f"run {spec['name']} ({run_dir})")
-    for col in ("stage", "kind", "state", "duration", "metrics"):
-        table.add_column(col)
-    for s in stages:
-        state, m = s["state"], s["manifest"]
-        duration, metrics = "", ""
-        if m:
-            duration = f"{m.get('duration_s', 0):.1f}s"
-            metrics = _format_estimate(key_metrics(m.get("metrics", {})))
-        if state == "damaged":
-            metrics = "; ".join(damaged_outputs(s["dir"], m))[:80]
-        elif state == "failed":
-            metrics = (s["dir"] / FAILED_FILE).read_text().strip()[:80]
-        if flying := in_flight_line(s["dir"]):  # mode: batch
-            metrics = f"{metrics} {flying}".strip()
-        colour = {"done": "green", "failed": "red", "damaged": "red", "interrupted": "yellow",
-                  "stale": "yellow"}.get(state, "dim")
-        table.add_row(s["name"], s["kind"], f"[{colour}]{state}[/]", duration, metrics)
-    return table
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fabrika.artifacts import atomic_write_text, read_json, read_jsonl
-from fabrika.pipeline import read_run
+from fabrika.runs import read_run
 
 SECTIONS = {"pipeline": "Pipeline", "data": "Datasets", "training": "Training", "evaluation": "Evaluation",
             "gguf": "GGUF export", "reproduce": "Reproduce"}
@@ -213,8 +213,8 @@ def training_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 
 def evaluation_section(stages: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    from fabrika.evaluate.render import plot, win_rate
     from fabrika.evaluate.scores import REFERENCE_SCORES
-    from fabrika.evaluate.stage import plot, win_rate
 
     parts, md = [], []
     for s in stages:

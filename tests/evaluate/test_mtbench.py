@@ -319,7 +319,7 @@ def test_mtbench_cli_names_the_model_shows_progress_and_skips_what_does_not_fit(
                               {"question_id": 999, "turn": 2}]
     assert res["n"] == 3 and res["overall"] == 6
     assert "| 3 | 0 | 3 |" in r.stdout  # graded, failed, skipped in the printed results
-    assert "evaluate: " not in r.stdout  # results.md only, not the generic metrics table before it too
+    assert "┃ metric" not in r.stdout  # results.md only, not the generic metrics table before it too
     assert "answers" in r.stdout and "3/3" in r.stdout and "requests" in r.stdout  # both bars, with ETA
     assert "answers" not in quiet.stdout and "requests" not in quiet.stdout
 

@@ -121,10 +121,6 @@ def pair_win_rate(counts: dict[str, int]) -> float | None:
     return (counts["model_1_wins"] + 0.5 * counts["ties"]) / decided if decided else None
 
 
-def fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
 def leaderboard(roots: Iterable[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """Every model graded under `roots` (any depth of `<bench>/model_judgment/*_single.jsonl`), per
     bench, best first, with the published reference scores of that bench in the same ranking."""

@@ -20,7 +20,8 @@ from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.evaluate import mtbench as M
-from fabrika.evaluate.scores import REFERENCE_SCORES, fmt, pair_win_rate, summarise, summarise_pairs
+from fabrika.evaluate.render import markdown, plot
+from fabrika.evaluate.scores import pair_win_rate, summarise, summarise_pairs
 from fabrika.infer.client import ClientConfig, default_cache_dir
 
 
@@ -88,13 +89,15 @@ CONFIG = EvaluateConfig
 
 
 def inputs(cfg: EvaluateConfig) -> list[str]:
+    """Everything the results depend on, answer and question files too: judged again when they change."""
     refs = [cfg.model, cfg.tokenizer]
     if cfg.perplexity:
         refs.append(cfg.perplexity.data)
     if cfg.contamination:
         refs.append(cfg.contamination.data)
     if cfg.mtbench:
-        refs.append(cfg.mtbench.judge)
+        refs += [cfg.mtbench.judge, cfg.mtbench.answers, cfg.mtbench.baseline]
+        refs += [b for b in cfg.mtbench.bench if b not in M.BENCHES]
     return [r for r in refs if r]
 
 
@@ -263,78 +266,6 @@ def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: di
                                   {"model_1_wins": 0, "model_2_wins": 0, "ties": 0, "errors": 0})
     return {"baseline": baseline_id, "wins": c["model_1_wins"], "losses": c["model_2_wins"], "ties": c["ties"],
             "errors": c["errors"], "win_rate": pair_win_rate(c)}
-
-
-def plot(results: dict[str, Any], path: Path) -> Path | None:
-    """Per-category MT-Bench scores, one bar group per bench, turn 1 vs turn 2 beside."""
-    benches = {b: r for b, r in results.get("mtbench", {}).items() if r.get("by_category")}
-    if not benches:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    cats = sorted({c for r in benches.values() for c in r["by_category"]})
-    width = 0.8 / len(benches)
-    for i, (bench, r) in enumerate(benches.items()):
-        axes[0].bar([k + i * width for k in range(len(cats))], [r["by_category"].get(c) or 0 for c in cats],
-                    width, label=bench)
-        axes[1].bar([i * 3, i * 3 + 1], [r.get("turn1") or 0, r.get("turn2") or 0], label=bench)
-    axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(cats))], cats, rotation=30, ha="right")
-    axes[0].set_ylim(0, 10)
-    axes[0].set_title("MT-Bench by category")
-    axes[0].legend()
-    axes[1].set_xticks([i * 3 + 0.5 for i in range(len(benches))], list(benches), rotation=30, ha="right")
-    axes[1].set_ylim(0, 10)
-    axes[1].set_title("turn 1 | turn 2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def win_rate(pairwise: dict[str, Any]) -> str:
-    return "—" if pairwise.get("win_rate") is None else f"{pairwise['win_rate']:.0%}"
-
-
-def markdown(results: dict[str, Any], model_id: str) -> str:
-    lines = [f"# Evaluation of {model_id}", ""]
-    if results.get("mtbench"):
-        lines += ["## MT-Bench", "", "| bench | turn 1 | turn 2 | overall | graded | failed | skipped | judge |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for bench, r in results["mtbench"].items():
-            lines.append(f"| {bench} | {fmt(r.get('turn1'))} | {fmt(r.get('turn2'))} | {fmt(r.get('overall'))} | "
-                         f"{r.get('n', 0)} | {r.get('failed', 0)} | {len(r.get('skipped', []))} | {r.get('judge')} |")
-            for ref_model, score in REFERENCE_SCORES.get(bench, {}).items():
-                lines.append(f"| ↳ published: {ref_model} | | | {score:.2f} | | | | gpt-4-turbo |")
-        lines.append("")
-        for bench, r in results["mtbench"].items():
-            if r.get("skipped"):
-                turns = ", ".join(f"question {s['question_id']} turn {s['turn']}" for s in r["skipped"])
-                lines += [f"{bench}: not answered, the prompt did not fit the model's context: {turns}. "
-                          "Lower `mtbench.max_new_tokens` or evaluate a model with a longer context.", ""]
-        pairs = {b: r["pairwise"] for b, r in results["mtbench"].items() if r.get("pairwise")}
-        if pairs:
-            lines += ["### Pairwise (pair-v2, both orders; disagreement = tie)", "",
-                      "| bench | against | wins | losses | ties | win rate |", "|---|---|---|---|---|---|"]
-            lines += [f"| {b} | {r['baseline']} | {r['wins']} | {r['losses']} | {r['ties']} | {win_rate(r)} |"
-                      for b, r in pairs.items()]
-            lines.append("")
-    if results.get("perplexity"):
-        r = results["perplexity"]
-        lines += ["## Perplexity", "", f"{r['ppl']:.3f} on {r['tokens']} tokens of {r['source']} (context {r['context']})", ""]
-    if results.get("harness"):
-        lines += ["## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---|"]
-        for task, metrics in results["harness"].items():
-            lines += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
-        lines.append("")
-    if "contamination" in results:
-        flagged = results["contamination"]
-        lines += ["## Contamination", "", f"{len(flagged)} training rows overlap benchmark questions."]
-        lines += [f"- question {f['question_id']} ~ row {f['row']} ({f['overlap']:.0%})" for f in flagged[:20]]
-    return "\n".join(lines) + "\n"
 
 
 def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:

@@ -37,7 +37,7 @@ def _local_dir(ref: str, setting: str, what: str) -> Path | None:
 
 def _not_a_stage(path: Path) -> str:
     """Why `path` did not stand for a stage's output: a stage folder counts once its manifest.json exists."""
-    from fabrika.pipeline import FINGERPRINT_FILE
+    from fabrika.artifacts import FINGERPRINT_FILE
 
     if (path / FINGERPRINT_FILE).is_file():
         return (f"; {path} is a stage folder whose stage has not finished (no manifest.json yet): run that "
