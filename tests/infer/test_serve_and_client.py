@@ -13,7 +13,8 @@ import pytest
 from helpers import run_cli
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, load_generator
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ClientConfig, JobStopped, RequestFailed, run_requests
 from fabrika.infer.proxy import FaultProxy
 from fabrika.infer.serve import serve_in_background

@@ -41,7 +41,7 @@ from fabrika.data.formats import RowError, detect_format, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.infer import batch
-from fabrika.infer.backends import GenerationParams
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
 
 JOURNAL = "journal.jsonl"

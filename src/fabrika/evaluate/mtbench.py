@@ -23,7 +23,8 @@ from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.infer import batch
-from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, OpenAIGenerator
+from fabrika.infer.backends import OpenAIGenerator
+from fabrika.infer.generation import ContextTooLong, GenerationParams, Generator
 from fabrika.infer.client import RequestFailed
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}

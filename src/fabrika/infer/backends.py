@@ -15,58 +15,15 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator as Steps, Protocol
-
-from pydantic import Field
+from typing import Any, Generator as Steps
 
 from fabrika.artifacts import artifact_in_folder
-from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.infer.client import ClientConfig, run_requests, stream_chat
+from fabrika.infer.generation import (Completion, ContextTooLong, ConversationRejected, GenerationParams, Generator,
+                                      Messages)
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
-
-Messages = list[dict[str, str]]
-
-
-class GenerationParams(Config):
-    temperature: float = Field(0.0, ge=0, le=2, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest answer in tokens.")
-    seed: int | None = Field(None, description="Sampling seed (reproducible answers).")
-    stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
-    n: int = Field(1, ge=1, le=16, description="Answers per conversation.")
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    cached: bool = False
-
-
-class ContextTooLong(FabrikaError):
-    """The prompt plus the answer would not fit the model's context."""
-
-
-class ConversationRejected(FabrikaError):
-    """The model's chat template refuses the conversation (say, two user turns in a row)."""
-
-
-class Generator(Protocol):
-    name: str
-    context: int
-
-    def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
-        """n completions for every conversation, in order."""
-
-    def stream(self, conversation: Messages, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Steps[str, None, Completion | None]:
-        """Pieces of one answer as they are produced; returns the finished completion (its finish reason and
-        token counts). Setting `cancel` stops the generation within a token."""
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -339,8 +296,6 @@ class OpenAIGenerator:
     """A remote OpenAI-compatible endpoint through fabrika's client (retries, limits, cache, cost)."""
 
     def __init__(self, model: str, base_url: str | None = None, **client_options: Any) -> None:
-        from fabrika.infer.client import ClientConfig
-
         self.name = model
         self.model = model
         options = {"base_url": base_url} if base_url else {}
@@ -348,14 +303,10 @@ class OpenAIGenerator:
 
     def generate(self, conversations: list[Messages], params: GenerationParams,
                  quiet: bool = True) -> list[list[Completion]]:
-        from fabrika.infer.client import run_requests
-
         return run_requests(self.config, self.model, conversations, params, quiet=quiet)
 
     def stream(self, conversation: Messages, params: GenerationParams,
                cancel: threading.Event | None = None) -> Steps[str, None, None]:
-        from fabrika.infer.client import stream_chat
-
         for piece in stream_chat(self.config, self.model, conversation, params):
             if cancel is not None and cancel.is_set():
                 break

@@ -50,7 +50,8 @@ from typing import Any, Callable
 
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, Messages, parse_ref
+from fabrika.infer.backends import parse_ref
+from fabrika.infer.generation import Completion, GenerationParams, Messages
 from fabrika.infer.client import (ClientConfig, JobStopped, RequestFailed, ResponseCache, chat_body, completions,
                                   price)
 
@@ -195,8 +196,6 @@ class Batches:
 
     def run(self, model: str, convs: list[Messages], params: GenerationParams, labels: list[str],
             on_result: Callable[[int, Any], None]) -> None:
-        from fabrika.infer.backends import Completion
-
         lines: dict[str, bytes] = {}  # cache key -> the request's line in an input file
         waiting: dict[str, list[int]] = defaultdict(list)  # cache key -> the conversations it answers
         for i, (label, conv) in enumerate(zip(labels, convs, strict=True)):

@@ -16,7 +16,8 @@ from typing import TextIO
 from fabrika.artifacts import atomic_write_json, atomic_write_text
 from fabrika.data.formats import RowError, check_conversation, to_messages
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, load_generator
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import GenerationParams
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /exit"
 

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import Completion, GenerationParams, Messages
+from fabrika.infer.generation import Completion, GenerationParams, Messages
 
 # $ per 1M tokens (input, output): OpenAI list prices as of 2026-11; override with `prices` in config.
 DEFAULT_PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "gpt-4.1": (2.0, 8.0),

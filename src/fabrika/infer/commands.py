@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(512, help="Longest answer."),
     ) -> None:
         """Chat with a model in the terminal (/reset, /system TEXT, /save FILE, /exit)."""
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.chat import interactive
         from fabrika.infer.chat import query as one_query
 
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(256, help="Longest answer."),
     ) -> None:
         """Answer the same prompts with two models and write a side-by-side table."""
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.chat import compare as run_compare
 
         path = run_compare(model_a, model_b, prompts, out, GenerationParams(max_new_tokens=max_tokens))

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, Field
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import (Completion, ContextTooLong, GenerationParams, Generator, load_generator,
-                                    parse_ref)
+from fabrika.infer.backends import load_generator, parse_ref
+from fabrika.infer.generation import Completion, ContextTooLong, GenerationParams, Generator
 
 log = logging.getLogger("uvicorn.error")  # printed with the server's own log lines
 INT64 = 2**63

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import Completion, GenerationParams, Messages
+from fabrika.infer.generation import Completion, GenerationParams, Messages
 
 ENGINES = ("auto", "vllm", "transformers")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"

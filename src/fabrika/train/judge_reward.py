@@ -94,7 +94,7 @@ class Judge:
 
     def __call__(self, prompts, completions, completion_ids=None, log_metric=None, trainer_state=None,
                  **columns) -> list[float | None]:
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.client import run_requests
 
         columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(prompts)}
