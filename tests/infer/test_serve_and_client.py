@@ -17,7 +17,7 @@ from fabrika.infer.backends import load_generator
 from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ClientConfig, JobStopped, RequestFailed, run_requests
 from fabrika.infer.proxy import FaultProxy
-from fabrika.infer.serve import serve_in_background
+from fabrika.infer.local import serve_in_background
 
 HELLO = [{"role": "user", "content": "Say something."}]
 

@@ -1,6 +1,7 @@
 """One way to ask any model for answers: `generate(conversations, params) -> completions`.
 
-A model reference string picks the backend, so collection and evaluation never care where a model runs:
+A model reference (models/refs.py) picks the backend, so collection and evaluation never care where a model
+runs:
   hf:PATH_OR_HUB_ID      transformers (batched, left padding, the tokenizer's chat template; a LoRA
                          adapter directory loads on its base model)
   gguf:FILE              llama.cpp through llama-cpp-python (chat template from the GGUF metadata)
@@ -18,12 +19,12 @@ import threading
 from pathlib import Path
 from typing import Any, Generator as Steps
 
-from fabrika.artifacts import artifact_in_folder
 from fabrika.errors import FabrikaError
 from fabrika.infer.client import ClientConfig, run_requests, stream_chat
 from fabrika.infer.generation import (Completion, ContextTooLong, ConversationRejected, GenerationParams, Generator,
                                       Messages)
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
+from fabrika.models.refs import parse_ref
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -313,34 +314,16 @@ class OpenAIGenerator:
             yield piece
 
 
-BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path; a finished stage's
-    folder (`s/` from `fabrika sft --out s/`) stands for the model in it."""
-    ref = artifact_in_folder(ref)
-    kind, sep, target = ref.partition(":")
-    if sep and (kind in BACKENDS or kind == "vllm"):
-        return kind, target
-    if ref.endswith(".gguf"):
-        return "gguf", ref
-    if Path(ref).is_dir() or ref.count("/") == 1:
-        return "hf", ref
-    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
-
-
 def load_generator(ref: str, engine: str | None = None, **options: Any) -> Generator:
     """The generator for `ref`; a local Hugging Face model runs on the `engine` chosen (default: the
     FABRIKA_ENGINE setting, else auto)."""
-    kind, target = parse_ref(ref)
-    if kind == "openai":
-        model, _, url = target.partition("@")
-        return OpenAIGenerator(model, url or None, **options)
-    if kind in ("hf", "vllm"):
-        from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
+    model = parse_ref(ref)
+    if not model.local:
+        return OpenAIGenerator(model.model, model.url, **options)
+    if model.kind == "gguf":
+        return GGUFGenerator(model.path, **options)
+    from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
 
-        if choose_engine(kind, target, engine) == "vllm":
-            return VLLMGenerator(target)
-        kind = "hf"
-    return BACKENDS[kind](target, **options)
+    if choose_engine(model.kind, model.path, engine) == "vllm":
+        return VLLMGenerator(model.path)
+    return HFGenerator(model.path, **options)
