@@ -460,7 +460,7 @@ def start_server(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key
 
 
 def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, name: str | None,
-                  max_body_mb: float = 4.0, max_queue: int = 256) -> None:
+                  max_body_mb: float = 4.0, max_queue: int = 256, engine: str | None = None) -> None:
     """`fabrika serve`: prints the URL once it accepts requests; Ctrl-C or SIGTERM finish the requests in
     flight (at most a few seconds) and exit 0."""
     import uvicorn
@@ -468,7 +468,7 @@ def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, nam
     from fabrika.infer import vllm_engine  # engine choice: vLLM serves with its own server
 
     model = parse_ref(model_ref)
-    if model.kind in ("hf", "vllm") and vllm_engine.choose_engine(model.kind, model.path) == "vllm":
+    if model.kind in ("hf", "vllm") and vllm_engine.choose_engine(model.kind, model.path, engine) == "vllm":
         return vllm_engine.serve_forever(model.path, host, port, api_key, name)
     sock = bind(host, port)
     generator, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue},
