@@ -47,7 +47,13 @@ def _too_long(n: int, max_new_tokens: int, context: int) -> ContextTooLong:
 
 
 class HFGenerator:
-    """transformers generation, batched with left padding; stops at the template's end of turn."""
+    """transformers generation, batched with left padding; stops at the template's end of turn.
+
+    The weights load straight onto the device (no full copy in CPU memory first), in bfloat16 on a GPU
+    (float16 on one without it) and in the checkpoint's own dtype on CPU, unless `dtype` says otherwise.
+    A LoRA adapter is merged into its base model once, at load: left unmerged, every decode step of
+    every answer would run the adapter's extra low-rank matrix products beside each adapted layer, for
+    weights that never change while serving."""
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "auto", max_batch: int = 16) -> None:
         check_model_dir(path, f"hf:{path}")
@@ -57,6 +63,9 @@ class HFGenerator:
 
         self.name = Path(path).name or path
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto" and self.device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        placed = {"dtype": dtype, "device_map": self.device}
         adapter = Path(path) / "adapter_config.json"
         try:
             self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -66,15 +75,15 @@ class HFGenerator:
                 base = json.loads(adapter.read_text()).get("base_model_name_or_path")
                 if not base or not (Path(base).exists() or base.count("/") == 1):
                     raise FabrikaError(f"{path}: the adapter's base model {base!r} is not there")
-                model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(base, **placed)
                 if len(self.tok) != model.get_input_embeddings().num_embeddings:
                     model.resize_token_embeddings(len(self.tok))
-                model = PeftModel.from_pretrained(model, path)
+                model = PeftModel.from_pretrained(model, path).merge_and_unload()
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(path, **placed)
         except (OSError, ValueError) as e:
             raise FabrikaError(f"hf:{path}: cannot load the model ({e})") from None
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         if not self.tok.chat_template:
