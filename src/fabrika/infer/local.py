@@ -1,6 +1,6 @@
 """A local model served on loopback for the duration of a job, reached through the same client as an API.
 
-Jobs of many requests (collect's teacher, student and judge; MT-Bench's answers and judge; rl's judge)
+Jobs of many requests (collect's teacher, student and judge; MT-Bench's judge; rl's judge)
 send them through the client whatever the model: an `openai:` model directly, an `hf:`/`gguf:` model
 by fabrika's own server (infer/serve.py) or vLLM's (infer/vllm_engine.py, when the engine setting picks
 it) on a free loopback port, stopped when the job ends. Caching, journaling, retries and batching are
@@ -20,7 +20,7 @@ from fabrika.models.refs import parse_ref
 if TYPE_CHECKING:
     from fabrika.infer.serve import ServerHandle
 
-# a local server answers slowly (a whole batch per forward pass) and is overwhelmed by an API's concurrency
+# one local model answers fewer requests at once than an API, and long answers take long on a small machine
 LOCAL_CLIENT = {"concurrency": 8, "timeout_s": 3600.0}
 
 
