@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from fabrika.infer.backends import GenerationParams
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ClientConfig, run_requests
 
 

@@ -22,7 +22,7 @@ from sft_throughput import make_model  # noqa: E402
 from fabrika.evaluate import judge as J  # noqa: E402
 from fabrika.evaluate import mtbench as M  # noqa: E402
 from fabrika.infer.backends import load_generator  # noqa: E402
-from fabrika.infer.serve import serve_in_background  # noqa: E402
+from fabrika.infer.local import serve_in_background  # noqa: E402
 
 
 def main() -> None:

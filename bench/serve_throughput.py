@@ -45,7 +45,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fabrika.infer.serve import serve_in_background
+    from fabrika.infer.local import serve_in_background
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, serve_in_background(f"hf:{tiny_model(Path(tmp))}") as server:

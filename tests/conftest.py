@@ -82,7 +82,7 @@ def chat_model(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def server(chat_model):
-    from fabrika.infer.serve import serve_in_background
+    from fabrika.infer.local import serve_in_background
 
     with serve_in_background(f"hf:{chat_model}", name="tiny") as handle:
         yield handle

@@ -17,7 +17,7 @@ from fabrika.artifacts import RunContext, read_jsonl
 from fabrika.data import collect
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
-from fabrika.infer.serve import serve_in_background
+from fabrika.infer.local import serve_in_background
 
 SAMPLE = REPO / "data" / "samples" / "tagengo_sample.parquet"
 

@@ -62,7 +62,7 @@ def judge_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def judge_server(judge_model):
-    from fabrika.infer.serve import serve_in_background
+    from fabrika.infer.local import serve_in_background
 
     with serve_in_background(f"hf:{judge_model}", name="judge") as s:
         yield s

@@ -10,7 +10,7 @@ import pytest
 from batch_server import batch_server, submitted
 
 from fabrika.infer import batch as B
-from fabrika.infer.backends import GenerationParams
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import RequestFailed
 
 CONVS = [[{"role": "user", "content": f"Вопрос «{i}» — what’s {i}+{i}?"}] for i in range(5)]

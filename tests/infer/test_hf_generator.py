@@ -1,7 +1,8 @@
 """The transformers engine: prompts batched by length and answered in their own order, and several
 greedy answers asked for at once (which transformers itself refuses without beam search)."""
 
-from fabrika.infer.backends import GenerationParams, load_generator
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import GenerationParams
 
 PROMPTS = [[{"role": "user", "content": "word " * n}] for n in (40, 2, 25, 1, 60)]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from fabrika.infer.backends import GenerationParams
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ResponseCache
 
 HELLO = [{"role": "user", "content": "Привет, “world”"}]

@@ -14,9 +14,10 @@ from fault_proxy import FaultProxy
 from helpers import run_cli
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, load_generator
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import GenerationParams
 from fabrika.infer.client import ClientConfig, JobStopped, RequestFailed, run_requests
-from fabrika.infer.serve import serve_in_background
+from fabrika.infer.local import serve_in_background
 
 HELLO = [{"role": "user", "content": "Say something."}]
 
@@ -105,15 +106,25 @@ def test_two_hundred_requests_at_concurrency_16(server):
 
 
 def test_lora_adapter_loads_on_its_base(tmp_path, chat_model):
-    from peft import LoraConfig, get_peft_model
+    """Merged into its base at load (no LoRA products on every decode step), computing what the adapter
+    on its base computes."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(chat_model),
-                           LoraConfig(r=4, target_modules="all-linear"))
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))  # not a no-op
     model.save_pretrained(tmp_path / "adapter")
     AutoTokenizer.from_pretrained(chat_model).save_pretrained(tmp_path / "adapter")
     gen = load_generator(str(tmp_path / "adapter"))
     assert gen.generate([HELLO], GenerationParams(max_new_tokens=3))[0][0].finish_reason in ("stop", "length")
+    assert not any("lora" in name for name, _ in gen.model.named_modules())
+    ids = torch.tensor([gen.prompt_ids(HELLO)])
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_model), tmp_path / "adapter")
+    with torch.no_grad():
+        expected = unmerged.eval()(ids).logits
+        torch.testing.assert_close(gen.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(chat_model)(ids).logits, expected, atol=1e-3)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))

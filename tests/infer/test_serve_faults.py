@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from fabrika.infer.serve import serve_in_background
+from fabrika.infer.local import serve_in_background
 
 HELLO = [{"role": "user", "content": "Say something."}]
 

@@ -53,7 +53,8 @@ def fabrika_serve(*args: str, log: Path) -> subprocess.Popen:
 def served(strict_model, tmp_path_factory):
     """(the process, its /v1 URL, its log file)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc = fabrika_serve(f"hf:{strict_model}", "--port", "0", "--name", "tiny", "--max-body-mb", "2", log=log)
+    proc = fabrika_serve(f"hf:{strict_model}", "--port", "0", "--name", "tiny", "--max-body-mb", "2", "--engine",
+                         "transformers", log=log)
     url = None
     for _ in range(1200):  # at most two minutes to load the model
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith("serving ")]

@@ -15,7 +15,8 @@ from helpers import CORPUS, make_chat_model, run_fabrika, write_jsonl
 
 from fabrika.data.collect import JOURNAL
 from fabrika.infer import vllm_engine
-from fabrika.infer.backends import GenerationParams, OpenAIGenerator, load_generator
+from fabrika.infer.backends import OpenAIGenerator, load_generator
+from fabrika.infer.generation import GenerationParams
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(vllm_engine.vllm_python() is None, reason="vLLM is not installed (make vllm)")]

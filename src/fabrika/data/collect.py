@@ -42,8 +42,10 @@ from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.faults import fault
 from fabrika.infer import batch
-from fabrika.infer.backends import GenerationParams
 from fabrika.infer.client import ClientConfig, default_cache_dir
+from fabrika.infer.costs import api_cost
+from fabrika.infer.generation import GenerationParams
+from fabrika.models.refs import api_model
 
 JOURNAL = "journal.jsonl"
 
@@ -599,19 +601,19 @@ def _excerpt(text: str, limit: int) -> str:
 
 
 def estimate(cfg: CollectConfig, ctx: RunContext) -> dict[str, Any]:
-    from fabrika.infer.client import DEFAULT_PRICES
-
     n = sum(cfg.quota.values()) if cfg.quota else None
-    model = ctx.resolve_model(cfg.teacher).removeprefix("openai:").split("@")[0]
-    p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
+    model = api_model(ctx.resolve_model(cfg.teacher))
     k = cfg.preference.k if cfg.preference else cfg.n
     out: dict[str, Any] = {"api_calls": first_draw(cfg) if n else "all rows", "_rows": n or 0}
     if n:  # ~200 prompt tokens, ~600 answer tokens per call on chat data like Tagengo
         worst = max_requests(cfg)  # every answer dropped until max_requests is spent
-        per_call = (200 * p_in + 600 * k * p_out) / 1e6 * (batch.BATCH_DISCOUNT if cfg.client.mode == "batch" else 1)
-        out["est_cost_usd"] = round(first_draw(cfg) * per_call, 2)
+
+        def per_call(mode: Literal["online", "batch"]) -> float:
+            return api_cost(model, 200, 600 * k, prices=cfg.client.prices, mode=mode).usd
+
+        out["est_cost_usd"] = round(first_draw(cfg) * per_call(cfg.client.mode), 2)
         if cfg.client.mode == "batch":  # what the same requests would cost online
-            out["est_cost_online_usd"] = round(out["est_cost_usd"] / batch.BATCH_DISCOUNT, 2)
+            out["est_cost_online_usd"] = round(first_draw(cfg) * per_call("online"), 2)
         out["api_calls_max"] = worst
-        out["est_cost_max_usd"] = round(worst * per_call, 2)
+        out["est_cost_max_usd"] = round(worst * per_call(cfg.client.mode), 2)
     return out

@@ -17,14 +17,16 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.evaluate import judge as J
 from fabrika.infer import batch
-from fabrika.infer.backends import ContextTooLong, GenerationParams, Generator, OpenAIGenerator
+from fabrika.infer.backends import OpenAIGenerator
 from fabrika.infer.client import RequestFailed
+from fabrika.infer.costs import api_cost
+from fabrika.infer.generation import ContextTooLong, GenerationParams, Generator
 
 BENCHES = {"mt_bench": "en", "ru_mt_bench": "ru", "ru_mt_bench_50": "ru", "zh_mt_bench": "zh"}
 
@@ -313,13 +315,11 @@ def run_pair_judging(matches: list[dict], judge_ref: str, out: Path, client_opti
                            f"comparisons are in {out}; run the same command again for the rest")
 
 
-def estimate_judging(conversations: list[list[dict]], judge_model: str, batch: bool = False) -> dict[str, Any]:
-    """Judge calls and their cost, at the Batch API's price when `batch`."""
-    from fabrika.infer.batch import BATCH_DISCOUNT
-    from fabrika.infer.client import DEFAULT_PRICES
-
+def estimate_judging(conversations: list[list[dict]], judge_model: str | None,
+                     prices: dict[str, tuple[float, float]] | None = None,
+                     mode: Literal["online", "batch"] = "online") -> dict[str, Any]:
+    """Judge calls and their cost (`judge_model` None: a local judge), at the Batch API's price in batch mode."""
     chars = sum(len(m["content"]) for conv in conversations for m in conv)
-    p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
     prompt_tokens, answer_tokens = chars / 4, 300 * len(conversations)  # ~4 chars/token, ~300-token judgments
-    cost = (prompt_tokens * p_in + answer_tokens * p_out) / 1e6 * (BATCH_DISCOUNT if batch else 1)
-    return {"judge_calls": len(conversations), "est_cost_usd": round(cost, 2)}
+    cost = api_cost(judge_model, prompt_tokens, answer_tokens, prices=prices, mode=mode)  # all calls together
+    return {"judge_calls": len(conversations), "est_cost_usd": round(cost.usd, 2)}

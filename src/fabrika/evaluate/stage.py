@@ -23,6 +23,8 @@ from fabrika.evaluate import mtbench as M
 from fabrika.evaluate.render import markdown, plot
 from fabrika.evaluate.scores import pair_win_rate, summarise, summarise_pairs
 from fabrika.infer.client import ClientConfig, default_cache_dir
+from fabrika.infer.costs import api_cost
+from fabrika.models.refs import api_model, parse_ref
 
 
 class MTBenchParams(Config):
@@ -107,9 +109,6 @@ def model_ref(cfg: EvaluateConfig, ctx: RunContext) -> str:
     return ctx.generator_ref(cfg.model)
 
 
-GENERIC_DIRS = ("model", "adapter", "merged")  # what stages call their output: the stage's name says more
-
-
 def default_model_id(cfg: EvaluateConfig, ctx: RunContext) -> str:
     """The name in answer and judgment files when `model_id` is not set: the pipeline stage, else the
     model itself (its directory, GGUF file or Hub/API model name, as FastChat names answer files), else
@@ -123,15 +122,7 @@ def default_model_id(cfg: EvaluateConfig, ctx: RunContext) -> str:
         return answers[0]["model_id"] if answers else Path(cfg.mtbench.answers).stem
     if not cfg.model:
         return "model"
-    from fabrika.infer.backends import parse_ref
-
-    kind, target = parse_ref(ctx.generator_ref(cfg.model))
-    if kind == "openai":
-        return Path(target.partition("@")[0]).name
-    path = Path(target).resolve() if Path(target).exists() else Path(target)
-    if kind == "gguf":
-        return path.stem
-    return path.parent.name if path.name in GENERIC_DIRS and path.parent.name else path.name
+    return parse_ref(ctx.generator_ref(cfg.model)).display_name
 
 
 def _progress(what: str, quiet: bool):
@@ -164,19 +155,17 @@ def estimate(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         for bench in cfg.mtbench.bench:
             qs = M.load_questions(bench)[0][: cfg.mtbench.questions]
             n += sum(len(q["turns"]) for q in qs)
-        judge_model = ctx.resolve_model(cfg.mtbench.judge).removeprefix("openai:").split("@")[0]
-        from fabrika.infer.client import DEFAULT_PRICES
+        judge = api_model(ctx.resolve_model(cfg.mtbench.judge))
+        client = cfg.mtbench.client
 
-        from fabrika.infer.batch import BATCH_DISCOUNT
+        def usd(mode: Literal["online", "batch"]) -> float:  # ~1500 tokens of prompt, ~300 of judgment a call
+            return round(api_cost(judge, 1500, 300, n, client.prices, mode).usd, 2)
 
-        p_in, p_out = DEFAULT_PRICES.get(judge_model, (0.0, 0.0))
-        online = n * (1500 * p_in + 300 * p_out) / 1e6
-        if cfg.mtbench.client.mode == "batch":
-            out.update(judge_calls=n, est_judge_usd=round(online * BATCH_DISCOUNT, 2),
-                       est_judge_online_usd=round(online, 2))
+        if client.mode == "batch":
+            out.update(judge_calls=n, est_judge_usd=usd("batch"), est_judge_online_usd=usd("online"))
         else:
-            out.update(judge_calls=n, est_judge_usd=round(online, 2))
-        if cfg.model and ctx.resolve_model(cfg.model).startswith("openai:"):
+            out.update(judge_calls=n, est_judge_usd=usd("online"))
+        if cfg.model and api_model(ctx.resolve_model(cfg.model)) is not None:
             out["answer_calls"] = n
         elif cfg.model and not cfg.mtbench.answers:  # generated here: every turn at most max_new_tokens long
             out["answer_tokens_max"] = n * cfg.mtbench.max_new_tokens
@@ -187,7 +176,7 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
     p = cfg.mtbench
     assert p is not None
     jref = ctx.generator_ref(p.judge)
-    judge_name = p.judge if p.judge in ctx.inputs else jref.split(":", 1)[-1].split("@")[0].replace("/", "_")
+    judge_name = p.judge if p.judge in ctx.inputs else parse_ref(jref).model.replace("/", "_")
     gen = None
     results: dict[str, Any] = {}
     for bench in p.bench:
@@ -214,7 +203,7 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
             judgment_file = bench_dir / "model_judgment" / f"{judge_name}_single.jsonl"
             done = {(r["question_id"], r["turn"]) for r in read_jsonl(judgment_file) if r.get("model") == model_id}
             matches = M.judge_matches(questions, answers, refs, judge_name, J.load_prompts(kind), done)
-            _say_cost(ctx, name, [m["messages"] for m in matches], judge_name, jref, p.client.mode)
+            _say_cost(ctx, name, [m["messages"] for m in matches], jref, p.client)
             M.run_judging(matches, jref, judgment_file, model_id, options, p.judge_retries, quiet=ctx.quiet,
                           max_tokens=p.judge_max_tokens)
             rows = [r for r in read_jsonl(judgment_file) if r["model"] == model_id]
@@ -229,12 +218,11 @@ def _run_mtbench(cfg: EvaluateConfig, ctx: RunContext, model_id: str) -> dict[st
     return results
 
 
-def _say_cost(ctx: RunContext, bench: str, conversations: list[list[dict]], judge_name: str, jref: str,
-              mode: str = "online") -> None:
-    est = M.estimate_judging(conversations, judge_name, batch=mode == "batch")
+def _say_cost(ctx: RunContext, bench: str, conversations: list[list[dict]], jref: str, client: ClientConfig) -> None:
+    est = M.estimate_judging(conversations, api_model(jref), client.prices, client.mode)
     if not ctx.quiet:
         print(f"{bench}: {est['judge_calls']} judge calls to {jref} (estimated ${est['est_cost_usd']}"
-              f"{' at the batch price' if mode == 'batch' else ''})")
+              f"{' at the batch price' if client.mode == 'batch' else ''})")
 
 
 def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: dict, answers: list[dict],
@@ -249,7 +237,7 @@ def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: di
         from fabrika.infer.backends import load_generator
 
         ref = ctx.generator_ref(p.baseline)
-        baseline_id = p.baseline if p.baseline in ctx.inputs else Path(ref.split(":", 1)[-1].split("@")[0]).name
+        baseline_id = p.baseline if p.baseline in ctx.inputs else Path(parse_ref(ref).model).name
         theirs = M.generate_answers(load_generator(ref), questions, bench_dir / "model_answer" / f"{baseline_id}.jsonl",
                                     baseline_id, p.max_new_tokens)
     if baseline_id == model_id:
@@ -258,8 +246,7 @@ def _pairwise(p: MTBenchParams, ctx: RunContext, questions: list[dict], refs: di
     done = {(r["question_id"], r["turn"]) for r in read_jsonl(pair_file)
             if (r["model_1"], r["model_2"]) == (model_id, baseline_id)}
     matches = M.pair_matches(questions, answers, theirs, refs, judge_name, J.load_prompts(kind), done)
-    _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], judge_name, jref,
-              p.client.mode)
+    _say_cost(ctx, f"{bench_dir.name} pairwise", [g for m in matches for g in m["games"]], jref, p.client)
     M.run_pair_judging(matches, jref, pair_file, options, quiet=ctx.quiet, max_tokens=p.judge_max_tokens)
     rows = [r for r in read_jsonl(pair_file) if (r["model_1"], r["model_2"]) == (model_id, baseline_id)]
     c = summarise_pairs(rows).get(f"{model_id} vs {baseline_id}",
@@ -289,11 +276,11 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> Artifact:
     if cfg.harness:
         from fabrika.evaluate.harness import run_harness
 
-        kind, path = model_ref(cfg, ctx).split(":", 1)
-        if kind != "hf":
+        model = parse_ref(model_ref(cfg, ctx))
+        if model.kind != "hf":
             raise FabrikaError("evaluate.harness: lm-evaluation-harness runs on a Hugging Face model directory")
         h = cfg.harness
-        results["harness"] = run_harness(path, h.tasks, h.include_path, h.limit, h.num_fewshot)
+        results["harness"] = run_harness(model.path, h.tasks, h.include_path, h.limit, h.num_fewshot)
     if cfg.contamination:
         results["contamination"] = check_contamination(cfg.contamination, ctx)
     atomic_write_json(ctx.stage_dir / "results.json", results)

@@ -27,6 +27,7 @@ from fabrika.export import gguf as writer
 from fabrika.export import verify as verifier
 from fabrika.models.checks import check_model_dir
 from fabrika.models.reference import model_size, reference_placement
+from fabrika.models.refs import hf_target
 
 
 class VerifyParams(Config):
@@ -133,7 +134,7 @@ def tensor_types(path: Path) -> dict[str, int]:
 def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, Any]]:
     """An HF model directory to convert (an adapter is merged first) and its lineage."""
     ref = ctx.resolve_model(ctx.resolve(cfg.model))
-    ref = ref[3:] if ref.startswith("hf:") else ref
+    ref = hf_target(ref)
     check_model_dir(ref, "export.model")
     path = Path(ref)
     lineage: dict[str, Any] = {"source": ref}

@@ -1,6 +1,7 @@
 """One way to ask any model for answers: `generate(conversations, params) -> completions`.
 
-A model reference string picks the backend, so collection and evaluation never care where a model runs:
+A model reference (models/refs.py) picks the backend, so collection and evaluation never care where a model
+runs:
   hf:PATH_OR_HUB_ID      transformers (batched, left padding, the tokenizer's chat template; a LoRA
                          adapter directory loads on its base model)
   gguf:FILE              llama.cpp through llama-cpp-python (chat template from the GGUF metadata)
@@ -15,58 +16,15 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator as Steps, Protocol
+from typing import Any, Generator as Steps
 
-from pydantic import Field
-
-from fabrika.artifacts import artifact_in_folder
-from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.infer.client import ClientConfig, run_requests, stream_chat
+from fabrika.infer.generation import (Completion, ContextTooLong, ConversationRejected, GenerationParams, Generator,
+                                      Messages)
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
-
-Messages = list[dict[str, str]]
-
-
-class GenerationParams(Config):
-    temperature: float = Field(0.0, ge=0, le=2, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest answer in tokens.")
-    seed: int | None = Field(None, description="Sampling seed (reproducible answers).")
-    stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
-    n: int = Field(1, ge=1, le=16, description="Answers per conversation.")
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    cached: bool = False
-
-
-class ContextTooLong(FabrikaError):
-    """The prompt plus the answer would not fit the model's context."""
-
-
-class ConversationRejected(FabrikaError):
-    """The model's chat template refuses the conversation (say, two user turns in a row)."""
-
-
-class Generator(Protocol):
-    name: str
-    context: int
-
-    def generate(self, conversations: list[Messages], params: GenerationParams) -> list[list[Completion]]:
-        """n completions for every conversation, in order."""
-
-    def stream(self, conversation: Messages, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Steps[str, None, Completion | None]:
-        """Pieces of one answer as they are produced; returns the finished completion (its finish reason and
-        token counts). Setting `cancel` stops the generation within a token."""
+from fabrika.models.refs import parse_ref
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -89,7 +47,13 @@ def _too_long(n: int, max_new_tokens: int, context: int) -> ContextTooLong:
 
 
 class HFGenerator:
-    """transformers generation, batched with left padding; stops at the template's end of turn."""
+    """transformers generation, batched with left padding; stops at the template's end of turn.
+
+    The weights load straight onto the device (no full copy in CPU memory first), in bfloat16 on a GPU
+    (float16 on one without it) and in the checkpoint's own dtype on CPU, unless `dtype` says otherwise.
+    A LoRA adapter is merged into its base model once, at load: left unmerged, every decode step of
+    every answer would run the adapter's extra low-rank matrix products beside each adapted layer, for
+    weights that never change while serving."""
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "auto", max_batch: int = 16) -> None:
         check_model_dir(path, f"hf:{path}")
@@ -99,6 +63,9 @@ class HFGenerator:
 
         self.name = Path(path).name or path
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto" and self.device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        placed = {"dtype": dtype, "device_map": self.device}
         adapter = Path(path) / "adapter_config.json"
         try:
             self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -108,15 +75,15 @@ class HFGenerator:
                 base = json.loads(adapter.read_text()).get("base_model_name_or_path")
                 if not base or not (Path(base).exists() or base.count("/") == 1):
                     raise FabrikaError(f"{path}: the adapter's base model {base!r} is not there")
-                model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(base, **placed)
                 if len(self.tok) != model.get_input_embeddings().num_embeddings:
                     model.resize_token_embeddings(len(self.tok))
-                model = PeftModel.from_pretrained(model, path)
+                model = PeftModel.from_pretrained(model, path).merge_and_unload()
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(path, **placed)
         except (OSError, ValueError) as e:
             raise FabrikaError(f"hf:{path}: cannot load the model ({e})") from None
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         if not self.tok.chat_template:
@@ -339,8 +306,6 @@ class OpenAIGenerator:
     """A remote OpenAI-compatible endpoint through fabrika's client (retries, limits, cache, cost)."""
 
     def __init__(self, model: str, base_url: str | None = None, **client_options: Any) -> None:
-        from fabrika.infer.client import ClientConfig
-
         self.name = model
         self.model = model
         options = {"base_url": base_url} if base_url else {}
@@ -348,48 +313,26 @@ class OpenAIGenerator:
 
     def generate(self, conversations: list[Messages], params: GenerationParams,
                  quiet: bool = True) -> list[list[Completion]]:
-        from fabrika.infer.client import run_requests
-
         return run_requests(self.config, self.model, conversations, params, quiet=quiet)
 
     def stream(self, conversation: Messages, params: GenerationParams,
                cancel: threading.Event | None = None) -> Steps[str, None, None]:
-        from fabrika.infer.client import stream_chat
-
         for piece in stream_chat(self.config, self.model, conversation, params):
             if cancel is not None and cancel.is_set():
                 break
             yield piece
 
 
-BACKENDS = {"hf": HFGenerator, "gguf": GGUFGenerator, "openai": OpenAIGenerator}
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """(backend, target) from `hf:x`, `gguf:x`, `openai:x`, a directory or a .gguf path; a finished stage's
-    folder (`s/` from `fabrika sft --out s/`) stands for the model in it."""
-    ref = artifact_in_folder(ref)
-    kind, sep, target = ref.partition(":")
-    if sep and (kind in BACKENDS or kind == "vllm"):
-        return kind, target
-    if ref.endswith(".gguf"):
-        return "gguf", ref
-    if Path(ref).is_dir() or ref.count("/") == 1:
-        return "hf", ref
-    raise FabrikaError(f"model reference {ref!r}: expected hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL[@BASE_URL]")
-
-
 def load_generator(ref: str, engine: str | None = None, **options: Any) -> Generator:
     """The generator for `ref`; a local Hugging Face model runs on the `engine` chosen (default: the
     FABRIKA_ENGINE setting, else auto)."""
-    kind, target = parse_ref(ref)
-    if kind == "openai":
-        model, _, url = target.partition("@")
-        return OpenAIGenerator(model, url or None, **options)
-    if kind in ("hf", "vllm"):
-        from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
+    model = parse_ref(ref)
+    if not model.local:
+        return OpenAIGenerator(model.model, model.url, **options)
+    if model.kind == "gguf":
+        return GGUFGenerator(model.path, **options)
+    from fabrika.infer.vllm_engine import VLLMGenerator, choose_engine
 
-        if choose_engine(kind, target, engine) == "vllm":
-            return VLLMGenerator(target)
-        kind = "hf"
-    return BACKENDS[kind](target, **options)
+    if choose_engine(model.kind, model.path, engine) == "vllm":
+        return VLLMGenerator(model.path)
+    return HFGenerator(model.path, **options)

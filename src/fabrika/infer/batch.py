@@ -51,12 +51,13 @@ from typing import Any, Callable
 from fabrika.artifacts import append_jsonl, read_jsonl
 from fabrika.errors import FabrikaError
 from fabrika.faults import fault
-from fabrika.infer.backends import GenerationParams, Messages, parse_ref
-from fabrika.infer.client import (ClientConfig, JobStopped, RequestFailed, ResponseCache, chat_body, completions,
-                                  price)
+from fabrika.infer.client import ClientConfig, JobStopped, RequestFailed, ResponseCache, chat_body, completions
+from fabrika.infer.costs import api_cost
+from fabrika.infer.generation import Completion, GenerationParams, Messages
+from fabrika.infer.local import ask_model
+from fabrika.models.refs import parse_ref
 
 STATE = "batches.jsonl"
-BATCH_DISCOUNT = 0.5  # OpenAI bills batch requests at half the online price
 ENDPOINT = "/v1/chat/completions"
 FINISHED = {"completed", "failed", "expired", "cancelled"}
 TAG = "fabrika_tag"  # the metadata key that finds a batch whose id was never journaled
@@ -156,21 +157,18 @@ def _failure(base_url: str, what: str, err: Exception) -> FabrikaError:
 
 def ask(ref: str, convs: list[Messages], params: GenerationParams, client: dict[str, Any], quiet: bool,
         on_result: Callable[[int, Any], None], *, state: Path, labels: list[str]) -> None:
-    """Like serve.ask_model (which it calls in online mode): `on_result(i, completions or the failure)`
+    """Like local.ask_model (which it calls in online mode): `on_result(i, completions or the failure)`
     for each conversation. `labels[i]` names conversation i in the caller's journal; `state` is where
     the batches are logged."""
-    from fabrika.infer.serve import ask_model
-
     if ClientConfig(**client).mode != "batch":
         ask_model(ref, convs, params, client, quiet, on_result)
         return
-    kind, target = parse_ref(ref)
-    if kind != "openai":
+    model = parse_ref(ref)
+    if model.local:
         raise FabrikaError(f"client.mode: batch needs an API model (openai:MODEL or openai:MODEL@URL); {ref} is "
                            "answered locally: use mode: online")
-    model, _, url = target.partition("@")
-    config = ClientConfig(**{**client, **({"base_url": url} if url else {})})
-    Batches(config, state, quiet).run(model, convs, params, labels, on_result)
+    config = ClientConfig(**{**client, **({"base_url": model.url} if model.url else {})})
+    Batches(config, state, quiet).run(model.model, convs, params, labels, on_result)
 
 
 class Batches:
@@ -196,8 +194,6 @@ class Batches:
 
     def run(self, model: str, convs: list[Messages], params: GenerationParams, labels: list[str],
             on_result: Callable[[int, Any], None]) -> None:
-        from fabrika.infer.backends import Completion
-
         lines: dict[str, bytes] = {}  # cache key -> the request's line in an input file
         waiting: dict[str, list[int]] = defaultdict(list)  # cache key -> the conversations it answers
         for i, (label, conv) in enumerate(zip(labels, convs, strict=True)):
@@ -360,8 +356,8 @@ class Batches:
             if response.get("status_code") == 200:
                 r = ChatCompletion.model_validate(response["body"])
                 usage = r.usage
-                c = price(self.config, s.model, usage.prompt_tokens if usage else 0,
-                          usage.completion_tokens if usage else 0) * BATCH_DISCOUNT
+                c = api_cost(s.model, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                             prices=self.config.prices, mode="batch").usd
                 result = completions(r, c)
                 cost += c
                 answered.add(key)

@@ -16,20 +16,22 @@ from typing import TextIO
 from fabrika.artifacts import atomic_write_json, atomic_write_text
 from fabrika.data.formats import RowError, check_conversation, to_messages
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import GenerationParams, load_generator
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import GenerationParams
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /exit"
 
 
-def query(model: str, text: str, params: GenerationParams, system: str | None = None) -> str:
-    gen = load_generator(model)
+def query(model: str, text: str, params: GenerationParams, system: str | None = None,
+          engine: str | None = None) -> str:
+    gen = load_generator(model, engine=engine)
     conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return gen.generate([conv], params)[0][0].text
 
 
 def interactive(model: str, params: GenerationParams, system: str | None = None, stdin: TextIO = sys.stdin,
-                out: TextIO = sys.stdout) -> None:
-    gen = load_generator(model)
+                out: TextIO = sys.stdout, engine: str | None = None) -> None:
+    gen = load_generator(model, engine=engine)
     history: list[dict[str, str]] = []
     system_msg = system
 
@@ -118,9 +120,10 @@ def read_prompts(path: str) -> list[list[dict[str, str]]]:
     return convs
 
 
-def compare(model_a: str, model_b: str, prompts: str, out: str, params: GenerationParams) -> Path:
+def compare(model_a: str, model_b: str, prompts: str, out: str, params: GenerationParams,
+            engine: str | None = None) -> Path:
     convs = read_prompts(prompts)
-    answers = [[c[0].text for c in load_generator(m).generate(convs, params)] for m in (model_a, model_b)]
+    answers = [[c[0].text for c in load_generator(m, engine=engine).generate(convs, params)] for m in (model_a, model_b)]
     out_path = Path(out)
     if out_path.suffix in (".html", ".htm"):
         rows = "".join(f"<tr><td>{html.escape(c[-1]['content'])}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>"

@@ -28,11 +28,9 @@ from pydantic import Field
 
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import Completion, GenerationParams, Messages
+from fabrika.infer.costs import api_cost
+from fabrika.infer.generation import Completion, GenerationParams, Messages
 
-# $ per 1M tokens (input, output): OpenAI list prices as of 2026-11; override with `prices` in config.
-DEFAULT_PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "gpt-4.1": (2.0, 8.0),
-                  "gpt-4.1-mini": (0.4, 1.6), "gpt-4-turbo": (10.0, 30.0), "gpt-3.5-turbo": (0.5, 1.5)}
 FATAL = {401: "the API key was rejected", 403: "access to this model is forbidden", 404: "no such model or endpoint"}
 
 
@@ -194,11 +192,6 @@ class JobStats:
     started: float = field(default_factory=time.monotonic)
 
 
-def price(config: ClientConfig, model: str, prompt: int, completion: int) -> float:
-    p_in, p_out = config.prices.get(model) or DEFAULT_PRICES.get(model, (0.0, 0.0))
-    return (prompt * p_in + completion * p_out) / 1e6
-
-
 def chat_body(model: str, messages: Messages, params: GenerationParams) -> dict[str, Any]:
     """The JSON body of a chat completion request (online, or one line of a batch)."""
     body: dict[str, Any] = dict(model=model, messages=messages, temperature=params.temperature,
@@ -285,8 +278,8 @@ class Client:
             else:
                 self.reached = True
                 usage = r.usage
-                return completions(r, price(cfg, model, usage.prompt_tokens if usage else 0,
-                                            usage.completion_tokens if usage else 0))
+                return completions(r, api_cost(model, usage.prompt_tokens if usage else 0,
+                                               usage.completion_tokens if usage else 0, prices=cfg.prices).usd)
             delay = wait if wait is not None else min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt)
             delay *= 1 + random.random() * 0.25  # jitter: retries of many requests do not arrive together
             if attempt == cfg.max_retries or time.monotonic() + delay > give_up:

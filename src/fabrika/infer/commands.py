@@ -8,6 +8,16 @@ from typing import Optional
 
 import typer
 
+ENGINE_HELP = ("Engine of a local Hugging Face model: auto, transformers or vllm (default: FABRIKA_ENGINE, else auto: "
+               "vLLM when installed and a CUDA GPU is present).")
+
+
+def _engine(value: Optional[str]) -> Optional[str]:
+    """--engine checked before any model loads (an API or GGUF model would never ask for it)."""
+    from fabrika.infer.vllm_engine import check_engine
+
+    return check_engine(value, "--engine") if value is not None else None
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -22,11 +32,12 @@ def register(app: typer.Typer) -> None:
                                           help="Largest request body; bigger ones get 413."),
         max_queue: int = typer.Option(256, "--max-queue", min=1,
                                       help="Requests generating or waiting at once; more get 429 (retry later)."),
+        engine: Optional[str] = typer.Option(None, "--engine", callback=_engine, help=ENGINE_HELP),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API (prints its URL once it is ready)."""
         from fabrika.infer.serve import serve_forever
 
-        serve_forever(model, host, port, api_key, name, max_body_mb=max_body_mb, max_queue=max_queue)
+        serve_forever(model, host, port, api_key, name, max_body_mb=max_body_mb, max_queue=max_queue, engine=engine)
 
     @app.command()
     def chat(
@@ -35,18 +46,19 @@ def register(app: typer.Typer) -> None:
         system: Optional[str] = typer.Option(None, help="System prompt."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         max_tokens: int = typer.Option(512, help="Longest answer."),
+        engine: Optional[str] = typer.Option(None, "--engine", callback=_engine, help=ENGINE_HELP),
     ) -> None:
         """Chat with a model in the terminal (/reset, /system TEXT, /save FILE, /exit)."""
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.chat import interactive
         from fabrika.infer.chat import query as one_query
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         params = GenerationParams(temperature=temperature, max_new_tokens=max_tokens)
         if query is not None:
-            print(one_query(model, query, params, system))
+            print(one_query(model, query, params, system, engine=engine))
         else:
-            interactive(model, params, system)
+            interactive(model, params, system, engine=engine)
 
     @app.command()
     def compare(
@@ -55,10 +67,11 @@ def register(app: typer.Typer) -> None:
         prompts: str = typer.Option(..., "--prompts", help="A .txt (one prompt a line) or .jsonl file."),
         out: str = typer.Option("compare.md", "--out", help="Output .md or .html."),
         max_tokens: int = typer.Option(256, help="Longest answer."),
+        engine: Optional[str] = typer.Option(None, "--engine", callback=_engine, help=ENGINE_HELP),
     ) -> None:
         """Answer the same prompts with two models and write a side-by-side table."""
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.chat import compare as run_compare
 
-        path = run_compare(model_a, model_b, prompts, out, GenerationParams(max_new_tokens=max_tokens))
+        path = run_compare(model_a, model_b, prompts, out, GenerationParams(max_new_tokens=max_tokens), engine=engine)
         print(f"wrote {path}")

@@ -28,15 +28,15 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import (Completion, ContextTooLong, GenerationParams, Generator, load_generator,
-                                    parse_ref)
+from fabrika.infer.backends import load_generator
+from fabrika.infer.generation import Completion, ContextTooLong, GenerationParams, Generator
+from fabrika.models.refs import parse_ref
 
 log = logging.getLogger("uvicorn.error")  # printed with the server's own log lines
 INT64 = 2**63
@@ -430,26 +430,17 @@ def _url(host: str, sock: socket.socket) -> str:
 
 
 def _load(model_ref: str, name: str | None, api_key: str | None, limits: dict[str, Any], **options: Any):
-    if parse_ref(model_ref)[0] == "openai":
+    if not parse_ref(model_ref).local:
         raise FabrikaError(f"{model_ref}: serve takes a local model (hf:DIR_OR_ID or gguf:FILE)")
     generator = load_generator(model_ref, **options)
     return generator, create_app(generator, name or generator.name, api_key=api_key, **limits)
 
 
-@contextmanager
-def serve_in_background(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                        **options: Any) -> Iterator[ServerHandle]:
-    """Serve a model on a free loopback port in this process (tests, the embedded teacher and judge)."""
-    handle = start_server(model_ref, host, port, api_key, **options)
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
 def start_server(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  name: str | None = None, max_body_mb: float = 4.0, max_queue: int = 256,
                  **options: Any) -> ServerHandle:
+    """The server on its own thread in this process, once it accepts requests (infer/local.py serves a
+    model for the duration of a job this way)."""
     import uvicorn
 
     sock = bind(host, port)
@@ -469,16 +460,16 @@ def start_server(model_ref: str, host: str = "127.0.0.1", port: int = 0, api_key
 
 
 def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, name: str | None,
-                  max_body_mb: float = 4.0, max_queue: int = 256) -> None:
+                  max_body_mb: float = 4.0, max_queue: int = 256, engine: str | None = None) -> None:
     """`fabrika serve`: prints the URL once it accepts requests; Ctrl-C or SIGTERM finish the requests in
     flight (at most a few seconds) and exit 0."""
     import uvicorn
 
     from fabrika.infer import vllm_engine  # engine choice: vLLM serves with its own server
 
-    kind, target = parse_ref(model_ref)
-    if kind in ("hf", "vllm") and vllm_engine.choose_engine(kind, target) == "vllm":
-        return vllm_engine.serve_forever(target, host, port, api_key, name)
+    model = parse_ref(model_ref)
+    if model.kind in ("hf", "vllm") and vllm_engine.choose_engine(model.kind, model.path, engine) == "vllm":
+        return vllm_engine.serve_forever(model.path, host, port, api_key, name)
     sock = bind(host, port)
     generator, app = _load(model_ref, name, api_key, {"max_body_mb": max_body_mb, "max_queue": max_queue},
                            engine="transformers")
@@ -500,26 +491,3 @@ def serve_forever(model_ref: str, host: str, port: int, api_key: str | None, nam
         for sig, handler in quiet.items():
             signal.signal(sig, handler)
     print("server stopped", flush=True)
-
-
-def ask_model(ref: str, convs: list[list[dict]], params: GenerationParams, client: dict[str, Any], quiet: bool,
-              on_result: Callable[[int, Any], None]) -> None:
-    """Many requests to one model through the client: cached, retried, concurrent. A local model (hf:,
-    gguf:) is served on loopback for the duration, so it gets the same cache, journal and batching as
-    an API model. `on_result(i, completions or the failure)` is called as each answer arrives."""
-    from fabrika.infer.client import ClientConfig, run_requests
-
-    kind, target = parse_ref(ref)
-    if kind == "openai":
-        model, _, url = target.partition("@")
-        run_requests(ClientConfig(**{**client, **({"base_url": url} if url else {})}), model, convs, params,
-                     quiet=quiet, on_result=on_result)
-        return
-    from fabrika.infer.vllm_engine import choose_engine, vllm_server  # engine choice: vLLM or fabrika's server
-
-    on_vllm = kind in ("hf", "vllm") and choose_engine(kind, target) == "vllm"
-    local = vllm_server(target, name=target) if on_vllm else serve_in_background(ref, name=target, engine="transformers")
-    with local as server:  # the cache knows it by its files' content
-        options = {"concurrency": 8, "timeout_s": 3600.0, **client, "base_url": server.url}
-        run_requests(ClientConfig(**options), target, convs, params, quiet=quiet, on_result=on_result,
-                     local_model=target)

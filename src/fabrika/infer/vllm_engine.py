@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fabrika.errors import FabrikaError
-from fabrika.infer.backends import Completion, GenerationParams, Messages
+from fabrika.infer.generation import Completion, GenerationParams, Messages
 
 ENGINES = ("auto", "vllm", "transformers")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -72,13 +72,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def check_engine(requested: str, where: str = "engine") -> str:
+    """`requested` when it names an engine; else a FabrikaError naming `where` it was asked for."""
+    if requested not in ENGINES:
+        raise FabrikaError(f"{where} {requested!r}: expected one of {', '.join(ENGINES)}")
+    return requested
+
+
 def choose_engine(kind: str, target: str, requested: str | None = None, say: bool = True) -> str:
     """`vllm` or `transformers` for a local Hugging Face model (`kind` hf or vllm), saying which and why."""
     if kind == "vllm":
         requested = "vllm"
-    requested = requested or os.environ.get("FABRIKA_ENGINE") or "auto"
-    if requested not in ENGINES:
-        raise FabrikaError(f"engine {requested!r}: expected one of {', '.join(ENGINES)}")
+    requested = check_engine(requested or os.environ.get("FABRIKA_ENGINE") or "auto")
     if requested == "transformers":
         return "transformers"
     python = vllm_python()

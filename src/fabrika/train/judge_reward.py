@@ -60,22 +60,14 @@ class Judge:
         self.local_model: str | None = None
         self.stats: Counter = Counter()
         self.stack = ExitStack()
-        self.model = self.base_url = ""
+        self.model = ""
         self.prompt_sets = {kind: J.load_prompts(kind) for kind in ("fastchat", "multilingual")}
 
     def __enter__(self) -> "Judge":
-        from fabrika.infer.backends import parse_ref
-        from fabrika.infer.serve import serve_in_background
+        from fabrika.infer.local import endpoint
 
-        kind, target = parse_ref(self.ref)
-        if kind == "openai":
-            self.model, _, url = target.partition("@")
-            if url:
-                self.client = {**self.client, "base_url": url}
-        else:  # served once for the stage; its name keys the cache
-            server = self.stack.enter_context(serve_in_background(self.ref, name=target))
-            self.model = self.local_model = target
-            self.client = {"concurrency": 8, "timeout_s": 3600.0, **self.client, "base_url": server.url}
+        where = self.stack.enter_context(endpoint(self.ref, self.client))  # a local judge: served once for the stage
+        self.model, self.client, self.local_model = where.model, where.client, where.local_model
         self.journal = self.stack.enter_context(Journal(self.journal_path))
         return self
 
@@ -94,7 +86,7 @@ class Judge:
 
     def __call__(self, prompts, completions, completion_ids=None, log_metric=None, trainer_state=None,
                  **columns) -> list[float | None]:
-        from fabrika.infer.backends import GenerationParams
+        from fabrika.infer.generation import GenerationParams
         from fabrika.infer.client import run_requests
 
         columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(prompts)}

@@ -196,14 +196,16 @@ def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
     if n := setup.planned_params(cfg.model, ctx):
         out["_params"] = n  # for the stages downstream (export's time)
     if cfg.rewards.judge:  # every completion distinct: an upper bound; the cache absorbs repeats
-        from fabrika.infer.client import DEFAULT_PRICES
+        from fabrika.infer.costs import api_cost
+        from fabrika.models.refs import api_model
 
+        judge = cfg.rewards.judge
         out["judge_calls_max"] = completions
-        model = ctx.resolve_model(cfg.rewards.judge.model).removeprefix("openai:").split("@")[0]
-        p_in, p_out = DEFAULT_PRICES.get(model, (0.0, 0.0))
-        if p_in:  # ~350 tokens of grading prompt and question around the answer, ~250 of judgment
-            per_call = (350 + r.max_completion_length) * p_in + 250 * p_out
-            out["est_judge_usd_max"] = round(completions * per_call / 1e6, 2)
+        # ~350 tokens of grading prompt and question around the answer, ~250 of judgment
+        cost = api_cost(api_model(ctx.resolve_model(judge.model)), 350 + r.max_completion_length, 250, completions,
+                        judge.client.prices)
+        if cost.known:
+            out["est_judge_usd_max"] = round(cost.usd, 2)
     return out
 
 

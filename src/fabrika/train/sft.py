@@ -28,6 +28,7 @@ from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
+from fabrika.models.refs import hf_target
 from fabrika.models.templates import TEMPLATES, TemplateName
 from fabrika.train import lm_head, setup
 
@@ -87,7 +88,7 @@ def inputs(cfg: SFTConfig) -> list[str]:
 
 
 def model_path(ref: str) -> str:
-    return ref[3:] if ref.startswith("hf:") else ref
+    return hf_target(ref)
 
 
 def adapter_base(ref: str) -> str | None:
