@@ -20,13 +20,13 @@ reason, and one that fails or outlasts its limit is reported with its last line,
 tables are printed and appended to bench/RESULTS.md (--results elsewhere).
 
 Time budget on one H100/H200 SXM (16 cores, NVMe, the 16 GB of weights staying in the page cache),
-about 7.5 minutes in all, under 9:
-  build tokenizer, model and data                              ~40 s
-  baseline SFT, 24 optimizer steps (+ ~30 s loading 4-bit)    ~80 s
-  switches, 8 steps each in its own process                  ≤200 s (each ≤90 s; what does not fit is skipped)
-  MT-Bench answers (vLLM start-up + 160 turns)                ~100 s  } the export and merge run on half the
-  decode ms/step, adapter and merged                          ~30 s  } cores alongside these (GGUF F16 ~40 s,
-                                                                       Q4_K_M ~50 s, merge ~35 s)
+about 7.6 minutes in all, under 9:
+  the job's own start-up                                   ~15 s
+  build tokenizer, model and data                          ~40 s
+  baseline SFT: 16 optimizer steps, ~30 s loading 4-bit    ~70 s
+  switches: 8 steps each, one process each                ≤200 s  (≤90 s each; what does not fit is skipped)
+  MT-Bench answers: vLLM start-up and 160 turns          ~100 s  } alongside: GGUF F16 (~40 s), Q4_K_M
+  decode ms/step, adapter and merged                      ~30 s  } (~50 s), the merge (~35 s), on half the cores
 Export, merge and generation share the CPU in that last part, so their times are a little longer
 than each would be alone; training is measured with the machine to itself.
 
@@ -90,10 +90,20 @@ def child(limit: float | None = None, **args) -> dict:
         if line.startswith("engine for "):
             print(line, flush=True)
     if proc.returncode:
-        last = next((line.strip() for line in reversed(err.splitlines()) if line.strip()),
-                    f"exit status {proc.returncode}")
-        raise StepFailed(last, err[-4000:])
+        raise StepFailed(error_of(err) or f"exit status {proc.returncode}", err[-4000:])
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def error_of(stderr: str) -> str:
+    """What a failed step ended with, on one line: the exception after its last traceback's frames (all
+    its lines: a validation error names the setting on its second), else the last line it wrote."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return lines[-1].strip() if lines else ""
+    after = lines[starts[-1] + 1:]
+    message = next((i for i, line in enumerate(after) if not line.startswith(" ")), len(after))
+    return " ".join(line.strip() for line in after[message:])[:300]
 
 
 def make_tokenizer(work: Path, bpe_vocab: int, vocab: int) -> Path:
@@ -270,7 +280,7 @@ def table(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> list[s
         shown.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         shown.add_row(*r)
-    Console(width=120).print(shown)
+    Console(width=140).print(shown)
     cell = (lambda v: v.replace("|", "\\|"))
     return [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)] + [
         f"| {' | '.join(cell(v) for v in r)} |" for r in rows]
@@ -279,7 +289,7 @@ def table(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> list[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the same path on CPU with a tiny model (a test)")
-    ap.add_argument("--steps", type=int, help="optimizer steps of the baseline SFT (default 24; tiny 3)")
+    ap.add_argument("--steps", type=int, help="optimizer steps of the baseline SFT (default 16; tiny 3)")
     ap.add_argument("--switch-steps", type=int, help="optimizer steps per switch (default 8; tiny 2)")
     ap.add_argument("--switch-seconds", type=float, default=200, help="time for all the switches together")
     ap.add_argument("--gen-tokens", type=int, help="longest answer per MT-Bench turn (default 512; tiny 8)")
@@ -299,7 +309,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("the reference job needs a CUDA GPU; --tiny runs the same steps on CPU")
     tiny = args.tiny
     shape = SHAPES["tiny" if tiny else "full"]
-    steps = args.steps or (3 if tiny else 24)
+    steps = args.steps or (3 if tiny else 16)
     switch_steps = args.switch_steps or (2 if tiny else 8)
     gen_tokens = args.gen_tokens or (8 if tiny else 512)
     method = "qlora" if cuda else "lora"
@@ -312,10 +322,10 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t = time.perf_counter()
-        tok_dir = make_tokenizer(work, 1024 if tiny else 8192, shape["vocab_size"])
+        tok_dir = make_tokenizer(work, 3072 if tiny else 8192, shape["vocab_size"])
         model = make_model(work, shape, tok_dir)
         data = work / "chat.jsonl"
-        make_conversations(data, 200 if tiny else REFERENCE_ROWS)
+        make_conversations(data, 120 if tiny else REFERENCE_ROWS)
         per_conv = conversation_tokens(data, tok_dir)
         times["build model and data"] = time.perf_counter() - t
         print(f"model {shape['num_hidden_layers']} layers × {shape['hidden_size']}, vocab {shape['vocab_size']}; "

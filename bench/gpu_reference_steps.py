@@ -20,19 +20,24 @@ import torch
 CUDA = torch.cuda.is_available()
 
 
-def peaks() -> dict:
-    """This process's high-water marks since it started or since the last `reset_peaks()`."""
+def peaks(host: bool = True) -> dict:
+    """This process's high-water marks since it started or since the last `reset_peaks()`; `host=False`
+    where VmHWM could not be reset and would not be the phase's own."""
     rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    return {"peak_rss": rss, "peak_gpu": torch.cuda.max_memory_allocated() if CUDA else None}
+    return {"peak_rss": rss if host else None, "peak_gpu": torch.cuda.max_memory_allocated() if CUDA else None}
 
 
-def reset_peaks() -> None:
+def reset_peaks() -> bool:
     """Start new high-water marks, so that one phase of a step gets peaks of its own: writing 5 to
-    clear_refs resets VmHWM to the memory resident now (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    clear_refs resets VmHWM to the memory resident now (Linux 4.0+; some sandboxes refuse, then False)."""
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def sync() -> None:
@@ -61,10 +66,10 @@ def sft(a: dict) -> dict:
 
     def timed_save(*args, **kwargs):
         out.update(peaks())
-        reset_peaks()
+        own = reset_peaks()
         t = time.perf_counter()
         path = save_final(*args, **kwargs)
-        out["save"] = {"seconds": time.perf_counter() - t, **peaks()}
+        out["save"] = {"seconds": time.perf_counter() - t, **peaks(host=own)}
         return path
 
     stage.save_final = timed_save
