@@ -196,7 +196,7 @@ def switches_to_try(base: dict, cuda: bool, tiny: bool) -> list[tuple[str, dict 
              else "not installed")
     return [("checkpointing off", {"gradient_checkpointing": False}),
             (f"attention {'sdpa' if flash else 'flash_attention_2'}", attention),
-            *[(f"batching {b}", {"batching": b}) for b in ("packed", "padded") if b != base["batching"]],
+            *[(f"batching {b}", {"batching": b}) for b in ("packed", "grouped", "padded") if b != base["batching"]],
             ("Liger kernels on", liger),
             ("torch.compile on", "not on --tiny: inductor's CPU build alone outlasts the test" if tiny
              else {"compile": True})]
@@ -205,7 +205,7 @@ def switches_to_try(base: dict, cuda: bool, tiny: bool) -> list[tuple[str, dict 
 def measure_switches(base: dict, tries: list[tuple[str, dict | str]], seconds: float, limit: float, out: Path,
                      **sft_args) -> list[tuple[str, dict | str]]:
     """The switches one after another, each in its own process, within `seconds` in all and `limit`
-    each; a failure is kept as its last line and the others still run."""
+    each; a failure is kept as its error and the others still run."""
     settings = {"batching": base["batching"], "attn_implementation": base["attention"],
                 "gradient_checkpointing": True, "compile": False, "liger_kernel": False}
     done: list[tuple[str, dict | str]] = []
@@ -346,7 +346,8 @@ def run(args: argparse.Namespace) -> None:
             answers = child(what="answers", model=str(model), questions=2 if tiny else 80, tokens=gen_tokens,
                             out=str(work / "answers.jsonl"))
             times[f"MT-Bench answers ({answers['engine']}, {answers['turns']} turns)"] = answers["seconds"]
-            decode = child(what="decode", adapter=base["adapter"], prompts=2 if tiny else 8, tokens=8 if tiny else 64)
+            decode = child(what="decode", model=str(model), adapter=base["adapter"], prompts=2 if tiny else 8,
+                           tokens=8 if tiny else 64)
             times["decode, adapter and merged"] = decode["seconds"]
             done = cpu_work.result()
         alongside = f"alongside, on {len(background)} of {len(cores)} cores"

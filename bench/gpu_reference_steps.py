@@ -119,10 +119,13 @@ def decode(a: dict) -> dict:
     adapter applied on the fly (peft's wrapper: two more small matmuls per adapted linear, per token)
     and after peft's merge_and_unload folds it into the base weights. A step is the time of `tokens`
     new tokens less the time of one (the prefill), over tokens − 1; the best of two."""
+    from peft import PeftModel
+
     from fabrika.evaluate import mtbench
     from fabrika.infer.backends import HFGenerator
 
-    gen = HFGenerator(a["adapter"])
+    gen = HFGenerator(a["model"])  # the base; the adapter applied here, unmerged, whatever the loader does with one
+    gen.model = PeftModel.from_pretrained(gen.model, a["adapter"]).to(gen.device).eval()
     questions = mtbench.load_questions("mt_bench")[0][: a["prompts"]]
     texts = [gen.tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
                                          tokenize=False) for q in questions]
