@@ -178,6 +178,8 @@ CASES = [
     Case("sft-flash-attention-on-cpu", ["sft", "-m", "{model}", "-d", "{w}/chat.jsonl", "--set",
                                         "train.attn_implementation=flash_attention_2", "-o", "{w}/o"],
          ["train.attn_implementation", "needs a CUDA GPU"]),
+    Case("sft-liger-on-cpu", ["sft", "-m", "{model}", "-d", "{w}/chat.jsonl", "--set", "train.liger_kernel=true",
+                              "-o", "{w}/o"], ["train.liger_kernel", "CUDA GPUs"]),
     # --- prefer --------------------------------------------------------------------------------
     Case("prefer-dir-not-a-model", ["prefer", "-m", "{w}/not_a_model", "-d", "{w}/pairs.jsonl", "-o", "{w}/o"],
          ["prefer.model", "no config.json"]),

@@ -51,6 +51,10 @@ class TrainParams(Config):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package. auto = "
         "flash_attention_2 for fine-tuning in bf16/fp16 on CUDA where flash-attn is installed, else sdpa.")
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels in place of the model's own: RMSNorm, RoPE, SwiGLU and fused "
+        "linear cross-entropy (SFT keeps TRL's LM head, which already avoids full logits); CUDA only, needs the "
+        "liger-kernel package.")
     logging_steps: int = Field(10, ge=1, description="Log loss, lr, tokens/s and MFU every N steps.")
     eval_steps: int | None = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
     eval_samples: int = Field(256, ge=1, description="Validation sequences used per evaluation (at most).")
@@ -102,6 +106,15 @@ def check_device(params: TrainParams) -> str:
         except ImportError:
             raise FabrikaError("train.attn_implementation: flash_attention_2 needs the flash-attn package "
                                "(pip install flash-attn --no-build-isolation), or use sdpa") from None
+    if params.liger_kernel:
+        if not cuda:
+            raise FabrikaError("train.liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs; this machine has "
+                               "none (set it to false)")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise FabrikaError("train.liger_kernel: needs the liger-kernel package (pip install liger-kernel), "
+                               "or set it to false") from None
     sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(var, "").lower() in ("1", "true")]
     if sharded and not cuda:  # accelerate would start every process as an independent rank 0
@@ -219,6 +232,7 @@ def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: 
         fp16=precision == "fp16",
         activation_checkpointing=params.gradient_checkpointing,
         torch_compile=params.compile,
+        use_liger_kernel=params.liger_kernel,
         logging_steps=params.logging_steps,
         eval_strategy="steps" if params.eval_steps else "no",
         eval_steps=params.eval_steps,
