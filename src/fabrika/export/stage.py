@@ -198,7 +198,7 @@ CONVERT_S_PER_B, QUANTIZE_S_PER_B = 10.0, 35.0
 
 
 def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
-    from fabrika.train.setup import planned_params
+    from fabrika.models.plan import planned_params
 
     out: dict[str, Any] = {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
     if n := planned_params(cfg.model, ctx):

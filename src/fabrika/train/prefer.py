@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext
 from fabrika.config import Config
 from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
 from fabrika.train import setup
 from fabrika.train.sft import (LoraParams, apply_template, check_model, load_base, lora_config, model_path,
                                save_final)
@@ -96,7 +98,7 @@ def _trainer_classes(loss: str):
 
 def estimate(cfg: PreferConfig, ctx: RunContext) -> dict[str, Any]:
     out: dict[str, Any] = {"loss": cfg.loss, "method": cfg.method, "epochs": cfg.train.epochs}
-    if n := setup.planned_params(cfg.model, ctx):
+    if n := plan.planned_params(cfg.model, ctx):
         out["_params"] = n  # for the stages downstream (export's time)
     return out
 
@@ -139,7 +141,7 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, cls=config_cls, beta=cfg.beta,
                                    max_length=cfg.max_length, **loss_args,
                                    **({} if eval_ds is not None else {"eval_strategy": "no"}))
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world_size() * cfg.max_length
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                           callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
     setup.quiet_trainer(trainer, ctx.quiet)
@@ -155,7 +157,7 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
     final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
+    if not ranks.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)

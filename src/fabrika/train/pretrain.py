@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
 from fabrika.models.presets import ModelSpec
 from fabrika.models.tokenizer import check_loads_back
 from fabrika.train import setup
@@ -139,11 +141,11 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str
 def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
     """Tokens this run will train on and its FLOPs, without building the model's weights."""
     p = cfg.train
-    tokens_per_step = p.batch_size * p.grad_accum * setup.world_size() * cfg.seq_len
+    tokens_per_step = p.batch_size * p.grad_accum * ranks.world_size() * cfg.seq_len
     out: dict[str, Any] = {"tokens_per_step": tokens_per_step}
     try:
         hf_config = cfg.model.to_hf_config(vocab_size=32000)
-        fpt = setup.flops_per_token(hf_config, cfg.seq_len)
+        fpt = plan.flops_per_token(hf_config, cfg.seq_len)
     except FabrikaError:
         fpt = None
     if p.max_steps:
@@ -151,7 +153,7 @@ def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
         out["train_tokens"] = p.max_steps * tokens_per_step
     if fpt and "train_tokens" in out:
         out["train_flops"] = float(fpt * out["train_tokens"])
-        out["h100_hours"] = round(setup.gpu_hours(out["train_flops"]), 2)
+        out["h100_hours"] = round(plan.gpu_hours(out["train_flops"]), 2)
     return out
 
 
@@ -168,8 +170,8 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     train_ds, val_ds = _load_data(cfg, data_dir, index)
 
     out = ctx.stage_dir
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.seq_len
-    fpt = setup.flops_per_token(model.config, cfg.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world_size() * cfg.seq_len
+    fpt = plan.flops_per_token(model.config, cfg.seq_len)
     args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed,
                                    **({} if len(val_ds) else {"eval_strategy": "no"}))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
@@ -182,7 +184,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
                                "train_tokens": result.global_step * tokens_per_step,
                                "parameters": sum(p.numel() for p in model.parameters()),
-                               "world_size": setup.world_size()}
+                               "world_size": ranks.world_size()}
     if len(val_ds):
         logged = [r for r in trainer.state.log_history if "eval_loss" in r]
         ev = logged[-1] if logged and logged[-1]["step"] == result.global_step else trainer.evaluate()
@@ -196,7 +198,7 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
 
     model_dir = out / MODEL_DIR
     trainer.save_model(str(model_dir))
-    if not setup.is_main_process():
+    if not ranks.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=model_dir, fingerprint=ctx.fingerprint)
     tokenizer.save_pretrained(model_dir)
     check_loads_back(tokenizer, model.config, f"pretrain: {model_dir}", str(model_dir))

@@ -18,12 +18,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
 from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
 from fabrika.train import rewards as R
 from fabrika.train import setup
 from fabrika.train.judge_reward import Judge, JudgeReward
@@ -189,10 +191,10 @@ def vllm_arguments(cfg: RLConfig) -> dict[str, Any]:
 
 def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
     p, r = cfg.train, cfg.rollouts
-    completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * setup.world_size()
+    completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * ranks.world_size()
     out: dict[str, Any] = {"method": cfg.method, "rewards": "+".join(cfg.rewards.enabled()), "steps": p.max_steps,
                            "completions": completions, "generated_tokens_max": completions * r.max_completion_length}
-    if n := setup.planned_params(cfg.model, ctx):
+    if n := plan.planned_params(cfg.model, ctx):
         out["_params"] = n  # for the stages downstream (export's time)
     if cfg.rewards.judge:  # every completion distinct: an upper bound; the cache absorbs repeats
         from fabrika.infer.client import DEFAULT_PRICES
@@ -308,7 +310,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
         cfg.train, out, precision, ctx.seed, cls=GRPOConfig, eval_strategy="no",
         num_generations=r.num_generations, max_completion_length=r.max_completion_length, temperature=r.temperature,
         top_p=r.top_p, beta=cfg.beta, reward_weights=[rw.weight for rw in enabled.values()], **vllm)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * r.max_completion_length
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world_size() * r.max_completion_length
     trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                train_dataset=datasets.Dataset.from_list(rows),
                                callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
@@ -322,7 +324,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     if judge is not None:
         metrics.update({f"judge_{k}": v for k, v in sorted(judge.stats.items())})
     final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
+    if not ranks.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
     atomic_write_json(out / "data_stats.json", data_stats)
     if not cfg.train.keep_checkpoints:

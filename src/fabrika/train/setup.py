@@ -21,15 +21,11 @@ from pydantic import Field, model_validator
 from fabrika.artifacts import atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.models.plan import device_peak_tflops
+from fabrika.ranks import is_main_process, local_rank, world_size
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-# Dense bf16 peak of common accelerators (vendor spec sheets), for MFU. Matched against the device name.
-# The first key found in the name wins: PCIe and NVL cards before the SXM part of the same name.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "B200": 2250.0,
-               "B100": 1750.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "L4": 121.0}
-
 
 class TrainParams(Config):
     max_steps: int | None = Field(None, description="Optimizer steps to run; overrides epochs when set.")
@@ -67,22 +63,6 @@ class TrainParams(Config):
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         return self
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_device(params: TrainParams) -> str:
@@ -147,51 +127,9 @@ def peak_flops(params: TrainParams) -> float | None:
     import torch
 
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        for key, tf in PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12
+        tflops = device_peak_tflops(torch.cuda.get_device_name(0))
+        return tflops * 1e12 if tflops else None
     return None
-
-
-def gpu_hours(flops: float, gpu: str = "H100", mfu: float = 0.4) -> float:
-    """Wall-clock GPU hours for `flops` at a model FLOPs utilisation typical of tuned bf16 training."""
-    return flops / (PEAK_TFLOPS[gpu] * 1e12 * mfu) / 3600
-
-
-def params_from_name(model: str) -> float | None:
-    """Parameters of a Hub model guessed from its name (Meta-Llama-3-8B -> 8e9) when its config is not
-    at hand (dry runs offline); None when the name says nothing."""
-    import re
-
-    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model)
-    return float(m.group(1)) * 1e9 if m else None
-
-
-def planned_params(ref: str | None, ctx: Any) -> float | None:
-    """Parameters of the model a stage will load, for a dry run: the upstream training stage's own
-    estimate (`_params`) when `ref` names one, else a guess from the model's name."""
-    if not ref:
-        return None
-    return ctx.estimates.get(ref, {}).get("_params") or params_from_name(ctx.resolve_model(ref))
-
-
-def flops_per_token(config: Any, seq_len: int, frozen_weights: bool = False) -> float:
-    """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
-    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits. With
-    `frozen_weights` (LoRA, QLoRA) the base weights get no gradients: 4·N (the forward's 2·N and the
-    activations' gradients' 2·N); the adapters' own FLOPs are a rounding error."""
-    from fabrika.models.presets import layer_linears
-
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    experts = getattr(config, "num_local_experts", None) or 1
-    active = (getattr(config, "num_experts_per_tok", None) or 1) if experts > 1 else 1
-    router = hidden * experts if experts > 1 else 0
-    matmul = sum(i * o for i, o in layer_linears(config, experts=active))
-    n = layers * (matmul + router) + hidden * config.vocab_size  # + lm_head
-    return (4.0 if frozen_weights else 6.0) * n + 12.0 * layers * heads * head_dim * seq_len
 
 
 def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None, **extra: Any):

@@ -21,12 +21,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from fabrika import logs
+from fabrika import logs, ranks
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
 from fabrika.models.templates import get_template
 from fabrika.train import lm_head, setup
@@ -198,7 +199,7 @@ def load_base(path: str, cfg: SFTConfig, precision: str):
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
         kwargs["dtype"] = torch.bfloat16
         if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
-            kwargs["device_map"] = {"": setup.local_rank()}
+            kwargs["device_map"] = {"": ranks.local_rank()}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -264,9 +265,9 @@ def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenize
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))
     if not quiet:
-        print(f"rank {setup.rank()} of {setup.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
+        print(f"rank {ranks.rank()} of {ranks.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
               flush=True)
-    if setup.is_main_process():
+    if ranks.is_main_process():
         tokenizer.save_pretrained(final)
         save_generation_contract(final, tokenizer, eot)
         if method != "full" and merge:
@@ -322,14 +323,14 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
     stage's plan, parameters from the model's name when its config is not local."""
     p = cfg.train
     out: dict[str, Any] = {"method": cfg.method, "epochs": p.epochs,
-                           "tokens_per_step": p.batch_size * p.grad_accum * setup.world_size() * cfg.max_length}
+                           "tokens_per_step": p.batch_size * p.grad_accum * ranks.world_size() * cfg.max_length}
     sources = [cfg.data] if isinstance(cfg.data, str) else [d.path for d in cfg.data]
     rows = sum(ctx.estimates.get(src, {}).get("_rows", 0) for src in sources)
     if p.max_steps:
         tokens = p.max_steps * out["tokens_per_step"]
     else:
         tokens = rows * TOKENS_PER_EXAMPLE * p.epochs if rows else None
-    n = setup.planned_params(cfg.model, ctx)
+    n = plan.planned_params(cfg.model, ctx)
     if n:
         out["_params"] = n  # for the stages downstream (export's time)
     if tokens:
@@ -337,7 +338,7 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
     if tokens and n:
         per_token = 4 * n if cfg.method != "full" else 6 * n  # adapters: no weight gradients for the base
         mfu = 0.25 if cfg.method == "qlora" else 0.4  # NF4 weights are dequantised on every matmul
-        out["h100_hours"] = round(setup.gpu_hours(per_token * tokens, mfu=mfu), 2)
+        out["h100_hours"] = round(plan.gpu_hours(per_token * tokens, mfu=mfu), 2)
     return out
 
 
@@ -385,7 +386,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
 
     out = ctx.stage_dir
     batching = batching_mode(cfg, precision)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world_size() * cfg.max_length
     args = setup.trainer_arguments(
         cfg.train, out, precision, ctx.seed, cls=TRLConfig,
         max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
@@ -395,7 +396,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
         model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          callbacks=setup.make_callbacks(out, tokens_per_step,
-                                                        setup.flops_per_token(model.config, cfg.max_length,
+                                                        plan.flops_per_token(model.config, cfg.max_length,
                                                                               frozen_weights=cfg.method != "full"),
                                                         setup.peak_flops(cfg.train)))
     compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
@@ -405,7 +406,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                               "conversations": len(ds), **length_stats, "world_size": setup.world_size(),
+                               "conversations": len(ds), **length_stats, "world_size": ranks.world_size(),
                                "batching": batching, "loss_head": "labelled positions" if compact else "trl"}
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -414,7 +415,7 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     if speeds:
         metrics["tokens_per_s"] = sum(speeds) / len(speeds)
     final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
+    if not ranks.is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
     atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
     if not cfg.train.keep_checkpoints:
