@@ -13,7 +13,6 @@ A bare directory means hf:, a bare *.gguf path means gguf:.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from fabrika.artifacts import artifact_in_folder
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
+from fabrika.models.model_dir import adapter_base
 
 Messages = list[dict[str, str]]
 
@@ -99,15 +99,12 @@ class HFGenerator:
 
         self.name = Path(path).name or path
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        adapter = Path(path) / "adapter_config.json"
+        base = adapter_base(path, f"hf:{path}")
         try:
             self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-            if adapter.exists():
+            if base is not None:
                 from peft import PeftModel
 
-                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-                if not base or not (Path(base).exists() or base.count("/") == 1):
-                    raise FabrikaError(f"{path}: the adapter's base model {base!r} is not there")
                 model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
                 if len(self.tok) != model.get_input_embeddings().num_embeddings:
                     model.resize_token_embeddings(len(self.tok))

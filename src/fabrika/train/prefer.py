@@ -23,9 +23,9 @@ from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models import plan
+from fabrika.models.model_dir import check_model, model_path
 from fabrika.train import setup
-from fabrika.train.sft import (LoraParams, apply_template, check_model, load_base, lora_config, model_path,
-                               save_final)
+from fabrika.train.sft import LoraParams, apply_template, load_base, lora_config, save_final
 
 
 def _prefer_train_defaults() -> setup.TrainParams:

@@ -28,12 +28,10 @@ from fabrika.artifacts import Artifact, RunContext, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.models import plan
+from fabrika.models.model_dir import MODEL_DIR
 from fabrika.models.presets import ModelSpec
 from fabrika.models.tokenizer import check_loads_back
 from fabrika.train import setup
-
-MODEL_DIR = "model"
-
 
 class PretrainConfig(Config):
     data: str = Field("prepare", description="The prepare stage (or a prepared directory) to train on.")

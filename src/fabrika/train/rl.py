@@ -26,11 +26,11 @@ from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.models import plan
+from fabrika.models.model_dir import check_model, model_path
 from fabrika.train import rewards as R
 from fabrika.train import setup
 from fabrika.train.judge_reward import Judge, JudgeReward
-from fabrika.train.sft import (LoraParams, _check_method, apply_template, check_model, load_base, lora_config,
-                               model_path, save_final)
+from fabrika.train.sft import LoraParams, _check_method, apply_template, load_base, lora_config, save_final
 
 
 class Rewards(Config):

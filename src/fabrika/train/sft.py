@@ -12,7 +12,6 @@ prompts as training did and stops where the model learned to stop.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -28,13 +27,10 @@ from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models import plan
-from fabrika.models.checks import check_model_dir, check_tokenizer_dir
+from fabrika.models.model_dir import (ADAPTER_DIR, MODEL_DIR, check_model, merge_adapter, model_path,
+                                      save_generation_contract)
 from fabrika.models.templates import get_template
 from fabrika.train import lm_head, setup
-
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
-
 
 class DataSource(Config):
     path: str = Field(description="A collect stage, a dataset directory, a data file or a Hub id.")
@@ -85,29 +81,6 @@ CONFIG = SFTConfig
 
 def inputs(cfg: SFTConfig) -> list[str]:
     return [cfg.model] + [s.path for s in cfg.data]
-
-
-def model_path(ref: str) -> str:
-    return ref[3:] if ref.startswith("hf:") else ref
-
-
-def adapter_base(ref: str) -> str | None:
-    """The base model an adapter directory names (None when `ref` is a full model)."""
-    adapter_config = Path(ref) / "adapter_config.json"
-    if not adapter_config.is_file() or (Path(ref) / "config.json").exists():
-        return None
-    return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
-
-
-def check_model(ref: str, setting: str) -> str:
-    """A model directory or Hub id; an adapter directory must name a base model that can be found."""
-    check_model_dir(ref, setting)
-    base = adapter_base(ref)
-    if base is None:
-        check_tokenizer_dir(ref, setting)
-    if base is not None and not (base and (Path(base).exists() or base.count("/") == 1)):
-        raise FabrikaError(f"{setting}: the adapter {ref} names base model {base!r}, which is not there")
-    return ref
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -226,33 +199,6 @@ def lora_config(cfg: SFTConfig, model, new_token_ids: list[int]):
         extra["modules_to_save"] = sorted(set(names))
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=target, task_type="CAUSAL_LM", **extra)
-
-
-def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
-    """generation_config stops at the end-of-turn token (and the plain eos) exactly as trained."""
-    from transformers import GenerationConfig
-
-    ids = []
-    for tok in (eot, tokenizer.eos_token):
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if i is not None and i not in ids:
-            ids.append(i)
-    GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
-
-
-def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) -> None:
-    """Merge on a fresh full-precision copy of the base: merging into 4-bit weights would lose precision."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_generation_contract(out, tokenizer, eot)
 
 
 def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenizer, eot: str, quiet: bool) -> Path:
