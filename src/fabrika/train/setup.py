@@ -1,8 +1,10 @@
 """What every training stage shares: the optimisation settings, precision and device checks, the
-Trainer arguments, metrics logging (loss, tokens/s, MFU to metrics.jsonl) and exact resume.
+Trainer arguments, the evaluation split, metrics logging (loss, tokens/s, MFU to metrics.jsonl), exact
+resume, the final save on every rank and the stage's ending.
 
-Pretraining, SFT and preference tuning differ in data, trainable parameters and loss mask; they build
-their Trainer from the same pieces here so that a fix to resume or logging reaches all of them.
+Pretraining, SFT, preference tuning and RL differ in data, trainable parameters and loss; they build
+their Trainer from the same pieces here so that a fix to resume, speed accounting or saving reaches
+all of them. The fine-tuning stages' shared model loading is in finetune.py.
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from fabrika.artifacts import atomic_write_text, read_jsonl
+from fabrika.artifacts import Artifact, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
-from fabrika.models.plan import device_peak_tflops
-from fabrika.ranks import is_main_process, local_rank, world_size
+from fabrika.models.plan import device_peak_tflops, flops_per_token
+from fabrika.ranks import is_main_process, local_rank, rank, world_size
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -132,8 +135,25 @@ def peak_flops(params: TrainParams) -> float | None:
     return None
 
 
-def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None, **extra: Any):
-    """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings."""
+def tokens_per_step(params: TrainParams, seq_len: int) -> int:
+    """Token slots one optimizer step fills over all ranks (an upper bound where batches are padded;
+    the metrics use the trainers' own count of real tokens where they log one)."""
+    return params.batch_size * params.grad_accum * world_size() * seq_len
+
+
+def split_eval(ds, fraction: float, seed: int, minimum: int = 20):
+    """(train, validation) from one dataset; no validation set when `fraction` is 0 or the data has
+    fewer than `minimum` rows, too few to spare any."""
+    if not fraction or len(ds) < minimum:
+        return ds, None
+    parts = ds.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None,
+                      evaluate: bool = True, **extra: Any):
+    """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings;
+    `evaluate`: whether the stage has a validation set to evaluate on every eval_steps."""
     import torch
     from transformers import TrainingArguments
 
@@ -157,7 +177,7 @@ def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: 
         activation_checkpointing=params.gradient_checkpointing,
         torch_compile=params.compile,
         logging_steps=params.logging_steps,
-        eval_strategy="steps" if params.eval_steps else "no",
+        eval_strategy="steps" if params.eval_steps and evaluate else "no",
         eval_steps=params.eval_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -219,11 +239,17 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float | None):
-    """Callbacks built on demand so that importing this module does not import transformers."""
+def make_callbacks(out_dir: Path, params: TrainParams, model_config: Any, seq_len: int, frozen_weights: bool = False):
+    """Callbacks built on demand so that importing this module does not import transformers. Speed and
+    MFU are counted the same way for every stage: `seq_len` tokens per sequence slot, FLOPs per token
+    of `model_config` (4·N with `frozen_weights`: adapters), the device's peak where it is known."""
     from transformers import TrainerCallback
 
     from fabrika.logs import live
+
+    step_tokens = tokens_per_step(params, seq_len)
+    fpt = flops_per_token(model_config, seq_len, frozen_weights=frozen_weights)
+    peak = peak_flops(params)
 
     class MetricsLogger(TrainerCallback):
         """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity."""
@@ -249,7 +275,7 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
                     if "num_tokens" in logs and self.last_tokens is not None:
                         tokens = logs["num_tokens"] - self.last_tokens
                     else:
-                        tokens = steps * tokens_per_step
+                        tokens = steps * step_tokens
                     tps = tokens / (now - self.last_time)
                     row["tokens_per_s"] = tps
                     if peak:
@@ -289,7 +315,7 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
         def on_step_end(self, args, state, control, **kw):
             steps = state.global_step - self.first_step
             if steps > 0:
-                self.numbers["tok/s"] = f"{steps * tokens_per_step / (time.perf_counter() - self.start):,.0f}"
+                self.numbers["tok/s"] = f"{steps * step_tokens / (time.perf_counter() - self.start):,.0f}"
             self._show(state)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -311,3 +337,49 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
     if os.environ.get("FABRIKA_FAULT_KILL_AT_STEP"):
         callbacks.append(FaultInjection(int(os.environ["FABRIKA_FAULT_KILL_AT_STEP"])))
     return callbacks
+
+
+def speed_metrics(out_dir: Path) -> dict[str, float]:
+    """Mean tokens/s (and MFU where the device's peak is known) over the logged intervals."""
+    rows = [r for r in read_jsonl(out_dir / METRICS) if "tokens_per_s" in r]
+    out: dict[str, float] = {}
+    if rows:
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in rows) / len(rows)
+        mfu = [r["mfu"] for r in rows if "mfu" in r]
+        if mfu:
+            out["mfu"] = sum(mfu) / len(mfu)
+    return out
+
+
+def final_evaluation(trainer, step: int) -> dict[str, Any]:
+    """The validation metrics of the final weights: the evaluation logged at the last step when there
+    was one (the same weights), else a new one."""
+    logged = [r for r in trainer.state.log_history if "eval_loss" in r]
+    return logged[-1] if logged and logged[-1]["step"] == step else trainer.evaluate()
+
+
+def save_weights(trainer, final: Path, quiet: bool, on_main: Callable[[], Any] | None = None) -> None:
+    """The final weights, saved by every rank: under FSDP and ZeRO-3 gathering the weights is a
+    collective, so a rank that returned before it would leave rank 0 waiting for the NCCL timeout at
+    the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
+    work that follows (`on_main`: tokenizer, generation contract, merge) ends at a barrier the ranks
+    leave together."""
+    if trainer.is_fsdp_enabled:  # checkpoints were sharded; the final model must load with from_pretrained
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))
+    if not quiet:
+        print(f"rank {rank()} of {world_size()}: final {final.name} saved", flush=True)
+    if is_main_process() and on_main is not None:
+        on_main()
+    trainer.accelerator.wait_for_everyone()
+
+
+def finish(ctx: RunContext, cfg: Any, final: Path, params: TrainParams, metrics: dict[str, Any],
+           extra: dict[str, Any] | None = None) -> Artifact:
+    """The stage's ending: rank 0 drops the checkpoints (unless kept) and writes the manifest; the
+    other ranks hand back the stage's directory without one."""
+    if not is_main_process():
+        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=ctx.stage_dir, path=final, fingerprint=ctx.fingerprint)
+    if not params.keep_checkpoints:
+        shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
+    return ctx.finish(final, cfg, metrics=metrics, extra=extra)
