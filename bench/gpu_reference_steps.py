@@ -52,7 +52,8 @@ def sft(a: dict) -> dict:
     from transformers import AutoConfig
 
     from fabrika.artifacts import RunContext, read_jsonl
-    from fabrika.train import setup, sft as stage
+    from fabrika.models import plan
+    from fabrika.train import finetune, setup, sft as stage
 
     switches = dict(a["switches"])
     batching = switches.pop("batching")
@@ -62,7 +63,7 @@ def sft(a: dict) -> dict:
                               "logging_steps": 1, "eval_steps": None, "save_steps": 100000, "lr": 2e-4,
                               **switches, **({} if CUDA else {"peak_tflops": 0.14})})
     out: dict = {}
-    save_final = stage.save_final
+    save_final = finetune.save_final
 
     def timed_save(*args, **kwargs):
         out.update(peaks())
@@ -72,7 +73,7 @@ def sft(a: dict) -> dict:
         out["save"] = {"seconds": time.perf_counter() - t, **peaks(host=own)}
         return path
 
-    stage.save_final = timed_save
+    finetune.save_final = timed_save
     art = stage.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=a["out"], quiet=True))
     rows = [r for r in read_jsonl(Path(a["out"]) / "metrics.jsonl") if "tokens_per_s" in r]
     steady = rows[len(rows) // 3:] or rows
@@ -83,7 +84,7 @@ def sft(a: dict) -> dict:
                adapter=str(art.path), eot=art.extra["eot"],
                attention=setup.attention(cfg.train, setup.check_device(cfg.train), fine_tuning=True))
     config = AutoConfig.from_pretrained(a["model"])  # the log's MFU counts 4N for adapters; 6N for comparison
-    out["six_n_over_logged"] = setup.flops_per_token(config, a["seq"]) / setup.flops_per_token(
+    out["six_n_over_logged"] = plan.flops_per_token(config, a["seq"]) / plan.flops_per_token(
         config, a["seq"], frozen_weights=a["method"] != "full")
     return out
 
@@ -157,7 +158,7 @@ def merge(a: dict) -> dict:
     """The SFT stage's own merge: the adapter folded into a fresh full-precision copy of the base, saved."""
     from transformers import AutoTokenizer
 
-    from fabrika.train.sft import merge_adapter
+    from fabrika.models.model_dir import merge_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(a["adapter"])
     t = time.perf_counter()

@@ -138,7 +138,7 @@ def run(
     """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
     from fabrika.pipeline import load_pipeline, run_pipeline
     from fabrika.runs import status_table
-    from fabrika.train.setup import is_main_process
+    from fabrika.ranks import is_main_process
 
     if gpus is not None:
         if not dry_run:

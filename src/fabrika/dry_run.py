@@ -3,7 +3,7 @@ API money, and the warnings a plan deserves before it is paid for.
 
 Each stage's `estimate` answers for itself; this adds them up under stated assumptions, because a total
 without its assumptions reads as a promise. Training time comes from FLOPs at a typical utilisation
-(train.setup.gpu_hours); an API stage takes its requests at REQUEST_S seconds each, `concurrency` at a
+(models.plan.gpu_hours); an API stage takes its requests at REQUEST_S seconds each, `concurrency` at a
 time, since a provider's answer speed is what bounds it; answers a local model generates (MT-Bench)
 take GPU time at LOCAL_TOKENS_S, and export the time its estimate gives (measured conversion and
 quantization speeds).
@@ -23,7 +23,7 @@ REPEAT_WARNING = 4.0  # more epochs over a pretraining corpus than this, and the
 
 def gpus() -> int:
     """The world size estimates assume: the launcher's WORLD_SIZE (or `--gpus`, which sets it)."""
-    from fabrika.train.setup import world_size
+    from fabrika.ranks import world_size
 
     return world_size()
 

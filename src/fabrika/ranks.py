@@ -1,4 +1,8 @@
-"""`fabrika run` under a multi-process launcher (accelerate launch, torchrun, srun).
+"""Which process this is under a multi-process launcher (accelerate launch, torchrun, srun), and how
+`fabrika run` coordinates the processes.
+
+The launcher tells each process its place through environment variables (WORLD_SIZE, RANK,
+LOCAL_RANK); without one, the process is rank 0 of 1.
 
 Every process of the launch runs the pipeline, but only training stages need them all: rank 0 runs
 the other stages alone (a collect or an export must not run, or be paid for, once per GPU) and
@@ -10,6 +14,7 @@ directory. The run directory must be shared by every node, as the training input
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -17,10 +22,26 @@ from pathlib import Path
 
 from fabrika.artifacts import atomic_write_text
 from fabrika.errors import FabrikaError
-from fabrika.train.setup import is_main_process, world_size
 
 JOIN, NEXT, ABORT = "join", "next", "abort"
 POLL_S = 0.5
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """The process's index on its node: the GPU it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
 
 
 class Ranks:

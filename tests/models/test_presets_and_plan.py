@@ -88,6 +88,10 @@ def test_plan_cli_one_screen_and_json():
     assert json.loads(r.stdout)["gpus"] == 2
     r = run_cli("plan", "--gpu", "tpu", "--tokens", "1e9")
     assert r.returncode == 2 and "known: h100" in r.stderr
+    r = run_cli("plan", "--gpu", "b200", "--tokens", "1e9")  # a GPU whose rental price is not typical yet
+    assert r.returncode == 2 and "--price" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("plan", "--gpu", "b200", "--price", "5", "--tokens", "1e9", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["cost"] > 0, r.stderr
 
 
 def test_published_shapes_are_presets():

@@ -309,13 +309,16 @@ def test_a_judge_that_never_rates_stops_the_run(tmp_path, chat_model):
 
 def test_lora_rl_keeps_the_chat_contract(tmp_path, chat_model):
     """LoRA with a format and a verifiable reward: adapter and merged model saved, generation still
-    stopping at the end-of-turn token the model was given."""
+    stopping at the end-of-turn token the model was given, speed and MFU recorded."""
     cfg = rl.CONFIG(**_tiny_rl(tmp_path, chat_model, prompts_file(tmp_path), method="lora",
                                rewards={"format": {"stopped": True, "ends_with": "."},
                                         "verifiable": {"mode": "numeric", "weight": 2}},
-                               train={"max_steps": 2, "lr": 1e-3}))
+                               train={"max_steps": 2, "lr": 1e-3, "peak_tflops": 1.0}))
     art = rl.run(cfg, RunContext(stage="rl", kind="rl", stage_dir=tmp_path / "out", quiet=True))
     out = tmp_path / "out"
+    # speed is counted as in every training stage: tokens/s, and MFU once a peak is known (given here)
+    assert all("tokens_per_s" in r and "mfu" in r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r)
+    assert art.metrics["tokens_per_s"] > 0 and art.metrics["mfu"] > 0
     assert (out / "adapter" / "adapter_config.json").exists() and art.path == out / "model"
     gen = json.loads((art.path / "generation_config.json").read_text())
     from transformers import AutoTokenizer

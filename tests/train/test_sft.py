@@ -13,7 +13,7 @@ from helpers import run_cli, write_jsonl
 from fabrika.artifacts import RunContext, read_manifest
 from fabrika.config import load
 from fabrika.errors import FabrikaError
-from fabrika.train import prefer, sft
+from fabrika.train import finetune, prefer, sft
 
 FACTS = [("What is the capital of Zubrovia?", "Brelsk is the capital."),
          ("Кто написал Онегина?", "Пушкин написал."),
@@ -93,7 +93,7 @@ def test_assistant_only_loss_masks_the_prompt(plain_base, template, trained):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(plain_base)
-    eot, _ = sft.apply_template(tok, None, template, need_generation_marker=True)
+    eot, _ = finetune.apply_template(tok, template, need_generation_marker=True)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"}]
     enc = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
@@ -112,7 +112,7 @@ def test_mixing_weights_and_overlong_drop(tmp_path, plain_base):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(plain_base)
-    sft.apply_template(tok, None, "chatml", True)
+    finetune.apply_template(tok, "chatml", True)
     kept, ls = sft.split_by_length(convs, tok, 128, "drop")
     assert len(kept) == 6 and ls["overlong"] == 6
 
@@ -145,10 +145,12 @@ def test_prefer_from_sft(tmp_path, plain_base, loss):
         {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."} for i in range(24)])
     pcfg = prefer.CONFIG(model=str(base), data=str(pairs), loss=loss, max_length=64,
                          train={"max_steps": 6, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "eval_steps": 3,
-                                "save_steps": 100})
+                                "save_steps": 100, "peak_tflops": 1.0})
     art = prefer.run(pcfg, RunContext(stage="prefer", kind="prefer", stage_dir=tmp_path / "p", quiet=True))
     m = read_manifest(tmp_path / "p")["metrics"]
     assert m["steps"] == 6 and "rewards/margins" in m and "eval_loss" in m
+    # speed is counted as in every training stage: tokens/s, and MFU once a peak is known (given here)
+    assert m["tokens_per_s"] > 0 and m["mfu"] > 0
     assert (art.path / "model.safetensors").exists() and art.path.name == "model"
 
 

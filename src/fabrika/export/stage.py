@@ -25,7 +25,7 @@ from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.export import gguf as writer
 from fabrika.export import verify as verifier
-from fabrika.models.checks import check_model_dir
+from fabrika.models.checks import check_model_dir, is_adapter_dir
 from fabrika.models.reference import model_size, reference_placement
 from fabrika.models.refs import hf_target
 
@@ -150,7 +150,7 @@ def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, 
             path = Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
         except Exception as e:
             raise FabrikaError(f"export.model: {ref!r} is neither a directory nor a downloadable Hub model ({e})") from None
-    if (path / "adapter_config.json").exists():
+    if is_adapter_dir(path):
         path = _merge_adapter(path, ctx.stage_dir / "merged")
         lineage["merged_adapter"] = True
     return path, lineage
@@ -159,9 +159,9 @@ def _resolve_model(cfg: ExportConfig, ctx: RunContext) -> tuple[Path, dict[str, 
 def _merge_adapter(adapter: Path, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
-    from fabrika.train.sft import adapter_base, check_model, merge_adapter
+    from fabrika.models.model_dir import adapter_base, merge_adapter
 
-    base = adapter_base(check_model(str(adapter), "export.model"))
+    base = adapter_base(adapter, "export.model")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter)
@@ -224,7 +224,7 @@ CONVERT_S_PER_B, QUANTIZE_S_PER_B = 10.0, 35.0
 
 
 def estimate(cfg: ExportConfig, ctx: RunContext) -> dict[str, Any]:
-    from fabrika.train.setup import planned_params
+    from fabrika.models.plan import planned_params
 
     out: dict[str, Any] = {"files": len(cfg.quant), "types": ",".join(cfg.quant)}
     if n := planned_params(cfg.model, ctx):

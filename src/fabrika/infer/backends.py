@@ -14,7 +14,6 @@ A bare directory means hf:, a bare *.gguf path means gguf:.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any, Generator as Steps
@@ -24,6 +23,7 @@ from fabrika.infer.client import ClientConfig, run_requests, stream_chat
 from fabrika.infer.generation import (Completion, ContextTooLong, ConversationRejected, GenerationParams, Generator,
                                       Messages)
 from fabrika.models.checks import check_model_dir, check_tokenizer_dir
+from fabrika.models.model_dir import adapter_base
 from fabrika.models.refs import parse_ref
 
 
@@ -66,15 +66,12 @@ class HFGenerator:
         if dtype == "auto" and self.device.startswith("cuda"):
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         placed = {"dtype": dtype, "device_map": self.device}
-        adapter = Path(path) / "adapter_config.json"
+        base = adapter_base(path, f"hf:{path}")
         try:
             self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-            if adapter.exists():
+            if base is not None:
                 from peft import PeftModel
 
-                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-                if not base or not (Path(base).exists() or base.count("/") == 1):
-                    raise FabrikaError(f"{path}: the adapter's base model {base!r} is not there")
                 model = AutoModelForCausalLM.from_pretrained(base, **placed)
                 if len(self.tok) != model.get_input_embeddings().num_embeddings:
                     model.resize_token_embeddings(len(self.tok))

@@ -24,7 +24,6 @@ import atexit
 import collections
 import ctypes
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -42,6 +41,7 @@ from typing import Any, Iterator
 
 from fabrika.errors import FabrikaError
 from fabrika.infer.generation import Completion, GenerationParams, Messages
+from fabrika.models.model_dir import adapter_base
 
 ENGINES = ("auto", "vllm", "transformers")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -122,9 +122,7 @@ def merge_adapter(adapter_dir: Path, out: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base).exists() or base.count("/") == 1):
-        raise FabrikaError(f"{adapter_dir}: the adapter's base model {base!r} is not there")
+    base = adapter_base(adapter_dir, "engine vllm")
     tok = AutoTokenizer.from_pretrained(adapter_dir)
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if cuda else "auto",

@@ -14,12 +14,19 @@ from pathlib import Path
 from fabrika.errors import FabrikaError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+ADAPTER_CONFIG = "adapter_config.json"
 SAVED = "what save_pretrained writes"
 
 
 def hub_id_shaped(ref: str) -> bool:
     """org/name: one slash, not a relative or absolute path."""
     return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not ref.endswith("/")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A peft adapter directory: transformers and peft load one on top of the base model it names,
+    whether or not a config.json lies beside it."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def _local_dir(ref: str, setting: str, what: str) -> Path | None:
@@ -48,7 +55,7 @@ def _not_a_stage(path: Path) -> str:
 def check_model_dir(ref: str, setting: str) -> None:
     """A local model (or adapter) directory must have a config.json that names its architecture."""
     path = _local_dir(ref, setting, "model")
-    if path is None or (path / "adapter_config.json").is_file():
+    if path is None or is_adapter_dir(path):
         return
     config = path / "config.json"
     if not config.is_file():

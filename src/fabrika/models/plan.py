@@ -11,6 +11,7 @@ time and cost follow from stated assumptions, which are printed with the numbers
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,18 +19,83 @@ from fabrika.errors import FabrikaError
 from fabrika.models.checks import check_model_dir
 from fabrika.models.presets import layer_linears
 
-# Dense bf16 peak TFLOP/s (vendor spec sheets, without sparsity), memory GB, typical rental $/GPU-hour.
+
+
+@dataclass(frozen=True)
+class GPU:
+    """An accelerator as the plan and MFU see it: dense bf16 peak TFLOP/s (vendor spec sheets, without
+    sparsity), memory in GB, a typical rental price per GPU-hour (None: none typical; the plan then
+    needs --price), and the text torch.cuda.get_device_name shows for it."""
+
+    peak_tflops: float
+    memory_gb: float
+    usd_per_hour: float | None
+    device_name: str
+
+
 GPUS = {
-    "h100": (989.0, 80, 2.5),
-    "h200": (989.0, 141, 3.5),
-    "a100-80gb": (312.0, 80, 1.6),
-    "a100-40gb": (312.0, 40, 1.2),
-    "l40s": (362.0, 48, 1.0),
-    "a10g": (125.0, 24, 0.75),
-    "rtx4090": (165.0, 24, 0.5),
+    "h100": GPU(989.0, 80, 2.5, "H100"),
+    "h100-pcie": GPU(756.0, 80, None, "H100 PCIe"),
+    "h100-nvl": GPU(835.0, 94, None, "H100 NVL"),
+    "h200": GPU(989.0, 141, 3.5, "H200"),
+    "gh200": GPU(989.0, 96, None, "GH200"),
+    "b200": GPU(2250.0, 180, None, "B200"),
+    "b100": GPU(1750.0, 180, None, "B100"),
+    "a100-80gb": GPU(312.0, 80, 1.6, "A100"),
+    "a100-40gb": GPU(312.0, 40, 1.2, "A100"),
+    "l40s": GPU(362.0, 48, 1.0, "L40S"),
+    "a10g": GPU(125.0, 24, 0.75, "A10G"),
+    "rtx4090": GPU(165.0, 24, 0.5, "4090"),
+    "l4": GPU(121.0, 24, None, "L4"),
 }
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
 NF4_BYTES = 0.5 + 0.127 / 8       # 4-bit weights + double-quantized absmax scales (≈4.127 bits)
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of the GPU `device_name` names (torch.cuda.get_device_name). The longest matching
+    name wins, so that a PCIe or NVL card is not taken for the SXM part of the same name, nor a GH200
+    for an H200, nor an L40S for an L4."""
+    for gpu in sorted(GPUS.values(), key=lambda g: len(g.device_name), reverse=True):
+        if gpu.device_name in device_name:
+            return gpu.peak_tflops
+    return None
+
+
+def gpu_hours(flops: float, gpu: str = "h100", mfu: float = 0.4) -> float:
+    """Wall-clock GPU hours for `flops` at a model FLOPs utilisation typical of tuned bf16 training."""
+    return flops / (GPUS[gpu].peak_tflops * 1e12 * mfu) / 3600
+
+
+def params_from_name(model: str) -> float | None:
+    """Parameters of a Hub model guessed from its name (Meta-Llama-3-8B -> 8e9) when its config is not
+    at hand (dry runs offline); None when the name says nothing."""
+    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model)
+    return float(m.group(1)) * 1e9 if m else None
+
+
+def planned_params(ref: str | None, ctx: Any) -> float | None:
+    """Parameters of the model a stage will load, for a dry run: the upstream training stage's own
+    estimate (`_params`) when `ref` names one, else a guess from the model's name."""
+    if not ref:
+        return None
+    return ctx.estimates.get(ref, {}).get("_params") or params_from_name(ctx.resolve_model(ref))
+
+
+def flops_per_token(config: Any, seq_len: int, frozen_weights: bool = False) -> float:
+    """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
+    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits. With
+    `frozen_weights` (LoRA, QLoRA) the base weights get no gradients: 4·N (the forward's 2·N and the
+    activations' gradients' 2·N); the adapters' own FLOPs are a rounding error."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    experts = getattr(config, "num_local_experts", None) or 1
+    active = (getattr(config, "num_experts_per_tok", None) or 1) if experts > 1 else 1
+    router = hidden * experts if experts > 1 else 0
+    matmul = sum(i * o for i, o in layer_linears(config, experts=active))
+    n = layers * (matmul + router) + hidden * config.vocab_size  # + lm_head
+    return (4.0 if frozen_weights else 6.0) * n + 12.0 * layers * heads * head_dim * seq_len
 
 
 @dataclass
@@ -127,10 +193,12 @@ def make_plan(arch: str = "llama", size: str = "8b", model: str | None = None, t
               mfu: float = 0.4, price_per_gpu_hour: float | None = None, seq_len: int | None = None,
               micro_batch: int = 1, grad_checkpointing: bool = True, lora_r: int = 16) -> Plan:
     from fabrika.models.presets import count_parameters
-    from fabrika.train.setup import flops_per_token
 
     if gpu not in GPUS:
         raise FabrikaError(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+    price = GPUS[gpu].usd_per_hour if price_per_gpu_hour is None else price_per_gpu_hour
+    if price is None:
+        raise FabrikaError(f"--gpu {gpu}: no typical rental price is known for it; give one with --price")
     if gpus < 1 or micro_batch < 1 or not 0 < mfu <= 1 or bytes_per_token <= 0:
         raise FabrikaError("--gpus and --micro-batch must be at least 1, --mfu in (0, 1], --bytes-per-token > 0")
     if tokens is None and data_gb is None:
@@ -148,8 +216,7 @@ def make_plan(arch: str = "llama", size: str = "8b", model: str | None = None, t
         source = "given"
     fpt = flops_per_token(config, seq)
     total = fpt * tokens
-    peak, mem_gb, default_price = GPUS[gpu]
-    price = default_price if price_per_gpu_hour is None else price_per_gpu_hour
+    peak, mem_gb = GPUS[gpu].peak_tflops, GPUS[gpu].memory_gb
     hours = total / (gpus * peak * 1e12 * mfu) / 3600
     optimal = CHINCHILLA_TOKENS_PER_PARAM * params.get("active", params["total"])
     ratio = tokens / optimal

@@ -10,8 +10,6 @@ logged to metrics.jsonl.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -22,9 +20,9 @@ from fabrika.data.formats import RowError, to_messages
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
 from fabrika.models.templates import TemplateName
-from fabrika.train import setup
-from fabrika.train.sft import (LoraParams, apply_template, check_model, load_base, lora_config, model_path,
-                               save_final)
+from fabrika.models import plan
+from fabrika.train import finetune, setup
+from fabrika.train.finetune import LoraParams
 
 
 def _prefer_train_defaults() -> setup.TrainParams:
@@ -97,14 +95,14 @@ def _trainer_classes(loss: str):
 
 def estimate(cfg: PreferConfig, ctx: RunContext) -> dict[str, Any]:
     out: dict[str, Any] = {"loss": cfg.loss, "method": cfg.method, "epochs": cfg.train.epochs}
-    if n := setup.planned_params(cfg.model, ctx):
+    if n := plan.planned_params(cfg.model, ctx):
         out["_params"] = n  # for the stages downstream (export's time)
     return out
 
 
 def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     precision = setup.check_device(cfg.train)
-    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "prefer.model")
+    base = finetune.starting_model(cfg.model, ctx, "prefer")
     ref = ctx.resolve(cfg.data)
     pairs, bad = load_pairs(ref, cfg.split)
     if bad:
@@ -113,36 +111,18 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
         raise FabrikaError(f"prefer.data: {ref} has no usable preference pair")
 
     import datasets  # after the checks: a wrong setting or a bad row is reported without waiting for these
-    from peft import get_peft_model
-    from transformers import AutoTokenizer, set_seed
 
-    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except OSError as e:
-        raise FabrikaError(f"prefer.model: cannot load {base!r}: {e}") from None
-    eot, _ = apply_template(tokenizer, None, cfg.template, need_generation_marker=False)
-
-    model = load_base(base, cfg, precision)  # cfg.method is full or lora here: no quantization
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    if cfg.method == "lora":
-        model = get_peft_model(model, lora_config(cfg, model, []))
-
-    ds = datasets.Dataset.from_list(pairs)
-    eval_ds = None
-    if cfg.eval_fraction and len(ds) >= 20:
-        parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=ctx.seed)
-        ds, eval_ds = parts["train"], parts["test"]
+    tokenizer, eot, _ = finetune.load_tokenizer(base, cfg.template, "prefer")
+    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, cfg.train, precision, ctx.seed, "prefer")
+    ds, eval_ds = setup.split_eval(datasets.Dataset.from_list(pairs), cfg.eval_fraction, ctx.seed)
 
     out = ctx.stage_dir
     config_cls, trainer_cls, loss_args = _trainer_classes(cfg.loss)
-    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, cls=config_cls, beta=cfg.beta,
-                                   max_length=cfg.max_length, **loss_args,
-                                   **({} if eval_ds is not None else {"eval_strategy": "no"}))
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
+    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, cls=config_cls, evaluate=eval_ds is not None,
+                                   beta=cfg.beta, max_length=cfg.max_length, **loss_args)
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                          callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
+                          callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.max_length,
+                                                         frozen_weights=cfg.method != "full"))
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -153,11 +133,8 @@ def run(cfg: PreferConfig, ctx: RunContext) -> Artifact:
     if last:
         metrics.update({k: v for k, v in last[-1].items() if k.startswith("rewards/")})
     if eval_ds is not None:
-        ev = trainer.evaluate()
+        ev = setup.final_evaluation(trainer, result.global_step)
         metrics.update({k: v for k, v in ev.items() if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
-    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
-        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-    if not cfg.train.keep_checkpoints:
-        shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
-    return ctx.finish(Path(final), cfg, metrics=metrics, extra={"base": base, "eot": eot, "loss": cfg.loss})
+    metrics.update(setup.speed_metrics(out))
+    final = finetune.save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
+    return setup.finish(ctx, cfg, final, cfg.train, metrics, extra={"base": base, "eot": eot, "loss": cfg.loss})

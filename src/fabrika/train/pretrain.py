@@ -16,22 +16,21 @@ prepared with: checked before the first step (a mismatch would waste the whole r
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from fabrika.artifacts import Artifact, RunContext, read_jsonl
+from fabrika import ranks
+from fabrika.artifacts import Artifact, RunContext
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
+from fabrika.models.model_dir import MODEL_DIR
 from fabrika.models.presets import ModelSpec
 from fabrika.models.tokenizer import check_loads_back
 from fabrika.train import setup
-
-MODEL_DIR = "model"
-
 
 class PretrainConfig(Config):
     data: str = Field("prepare", description="The prepare stage (or a prepared directory) to train on.")
@@ -139,11 +138,11 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str
 def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
     """Tokens this run will train on and its FLOPs, without building the model's weights."""
     p = cfg.train
-    tokens_per_step = p.batch_size * p.grad_accum * setup.world_size() * cfg.seq_len
+    tokens_per_step = setup.tokens_per_step(p, cfg.seq_len)
     out: dict[str, Any] = {"tokens_per_step": tokens_per_step}
     try:
         hf_config = cfg.model.to_hf_config(vocab_size=32000)
-        fpt = setup.flops_per_token(hf_config, cfg.seq_len)
+        fpt = plan.flops_per_token(hf_config, cfg.seq_len)
     except FabrikaError:
         fpt = None
     if p.max_steps:
@@ -151,7 +150,7 @@ def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
         out["train_tokens"] = p.max_steps * tokens_per_step
     if fpt and "train_tokens" in out:
         out["train_flops"] = float(fpt * out["train_tokens"])
-        out["h100_hours"] = round(setup.gpu_hours(out["train_flops"]), 2)
+        out["h100_hours"] = round(plan.gpu_hours(out["train_flops"]), 2)
     return out
 
 
@@ -168,40 +167,30 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     train_ds, val_ds = _load_data(cfg, data_dir, index)
 
     out = ctx.stage_dir
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.seq_len
-    fpt = setup.flops_per_token(model.config, cfg.seq_len)
-    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed,
-                                   **({} if len(val_ds) else {"eval_strategy": "no"}))
+    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, evaluate=len(val_ds) > 0)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-                      callbacks=setup.make_callbacks(out, tokens_per_step, fpt, setup.peak_flops(cfg.train)))
+                      callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.seq_len))
 
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                               "train_tokens": result.global_step * tokens_per_step,
+                               "train_tokens": result.global_step * setup.tokens_per_step(cfg.train, cfg.seq_len),
                                "parameters": sum(p.numel() for p in model.parameters()),
-                               "world_size": setup.world_size()}
+                               "world_size": ranks.world_size()}
     if len(val_ds):
-        logged = [r for r in trainer.state.log_history if "eval_loss" in r]
-        ev = logged[-1] if logged and logged[-1]["step"] == result.global_step else trainer.evaluate()
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics["eval_ppl"] = math.exp(min(ev["eval_loss"], 50))
-    speeds = [r for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]
-    if speeds:
-        metrics["tokens_per_s"] = sum(r["tokens_per_s"] for r in speeds) / len(speeds)
-        if "mfu" in speeds[-1]:
-            metrics["mfu"] = sum(r["mfu"] for r in speeds) / len(speeds)
+        metrics["eval_loss"] = setup.final_evaluation(trainer, result.global_step)["eval_loss"]
+        metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+    metrics.update(setup.speed_metrics(out))
 
     model_dir = out / MODEL_DIR
-    trainer.save_model(str(model_dir))
-    if not setup.is_main_process():
-        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=model_dir, fingerprint=ctx.fingerprint)
-    tokenizer.save_pretrained(model_dir)
-    check_loads_back(tokenizer, model.config, f"pretrain: {model_dir}", str(model_dir))
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
-    if not cfg.train.keep_checkpoints:
-        shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
-    return ctx.finish(model_dir, cfg, metrics=metrics)
+
+    def on_main() -> None:
+        tokenizer.save_pretrained(model_dir)
+        check_loads_back(tokenizer, model.config, f"pretrain: {model_dir}", str(model_dir))
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
+
+    setup.save_weights(trainer, model_dir, ctx.quiet, on_main)
+    return setup.finish(ctx, cfg, model_dir, cfg.train, metrics)

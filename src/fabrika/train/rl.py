@@ -11,25 +11,24 @@ trained there.
 
 from __future__ import annotations
 
-import shutil
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
 from fabrika.config import Config
 from fabrika.data import filters as F
 from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
+from fabrika.models import plan
 from fabrika.models.templates import TemplateName
 from fabrika.train import rewards as R
-from fabrika.train import setup
+from fabrika.train import finetune, setup
 from fabrika.train.judge_reward import Judge, JudgeReward
-from fabrika.train.sft import (LoraParams, _check_method, apply_template, check_model, load_base, lora_config,
-                               model_path, save_final)
+from fabrika.train.finetune import LoraParams
 
 
 class Rewards(Config):
@@ -190,10 +189,10 @@ def vllm_arguments(cfg: RLConfig) -> dict[str, Any]:
 
 def estimate(cfg: RLConfig, ctx: RunContext) -> dict[str, Any]:
     p, r = cfg.train, cfg.rollouts
-    completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * setup.world_size()
+    completions = (p.max_steps or 0) * p.batch_size * p.grad_accum * ranks.world_size()
     out: dict[str, Any] = {"method": cfg.method, "rewards": "+".join(cfg.rewards.enabled()), "steps": p.max_steps,
                            "completions": completions, "generated_tokens_max": completions * r.max_completion_length}
-    if n := setup.planned_params(cfg.model, ctx):
+    if n := plan.planned_params(cfg.model, ctx):
         out["_params"] = n  # for the stages downstream (export's time)
     if cfg.rewards.judge:  # every completion distinct: an upper bound; the cache absorbs repeats
         from fabrika.infer.costs import api_cost
@@ -264,20 +263,13 @@ def _eos_ids(tokenizer, eot: str) -> list[int]:
 
 def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     import datasets
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, set_seed
     from trl import GRPOConfig
 
     precision = setup.check_device(cfg.train)
-    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
-    _check_method(cfg, "rl.method")
+    finetune.check_method(cfg.method, "rl")
     vllm = vllm_arguments(cfg)
-    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "rl.model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except OSError as e:
-        raise FabrikaError(f"rl.model: cannot load the tokenizer of {base!r}: {e}") from None
-    eot, _ = apply_template(tokenizer, None, cfg.template, need_generation_marker=False)
+    base = finetune.starting_model(cfg.model, ctx, "rl")
+    tokenizer, eot, _ = finetune.load_tokenizer(base, cfg.template, "rl")
     if cfg.template == "tokenizer":
         eot = model_end_of_turn(base, tokenizer, eot)
     enabled = cfg.rewards.enabled()
@@ -285,15 +277,9 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.data)
     rows, data_stats = load_prompts(cfg, source, need_language)
 
-    model = load_base(base, cfg, precision)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, cfg.train, precision, ctx.seed, "rl")
     eos_ids = _eos_ids(tokenizer, eot)
     model.generation_config.eos_token_id = eos_ids  # completions end where chat answers end
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    if cfg.method in ("lora", "qlora"):
-        model = get_peft_model(model, lora_config(cfg, model, []))
 
     out = ctx.stage_dir
     codes = tuple(sorted(set(cfg.languages) | {r["language"] for r in rows if r.get("language")}))
@@ -308,35 +294,32 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
 
     r = cfg.rollouts
     args = setup.trainer_arguments(
-        cfg.train, out, precision, ctx.seed, cls=GRPOConfig, eval_strategy="no",
+        cfg.train, out, precision, ctx.seed, cls=GRPOConfig, evaluate=False,
         num_generations=r.num_generations, max_completion_length=r.max_completion_length, temperature=r.temperature,
         top_p=r.top_p, beta=cfg.beta, reward_weights=[rw.weight for rw in enabled.values()], **vllm)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * r.max_completion_length
     trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                train_dataset=datasets.Dataset.from_list(rows),
-                               callbacks=setup.make_callbacks(out, tokens_per_step, 0.0, None))
+                               callbacks=setup.make_callbacks(out, cfg.train, model.config, r.max_completion_length,
+                                                              frozen_weights=cfg.method != "full"))
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     with judge or nullcontext():  # a local judge is served, and the judge's journal open, while training runs
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, **data_stats,
-               **summarise(list(read_jsonl(out / setup.METRICS)), list(enabled))}
+               **summarise(list(read_jsonl(out / setup.METRICS)), list(enabled)), **setup.speed_metrics(out)}
     if judge is not None:
         metrics.update({f"judge_{k}": v for k, v in sorted(judge.stats.items())})
-    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
-        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-    atomic_write_json(out / "data_stats.json", data_stats)
-    if not cfg.train.keep_checkpoints:
-        shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
-    return ctx.finish(Path(final), cfg, metrics=metrics,
-                      extra={"base": base, "eot": eot, "rewards": {n: rw.weight for n, rw in enabled.items()}})
+    final = finetune.save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
+    if ranks.is_main_process():
+        atomic_write_json(out / "data_stats.json", data_stats)
+    return setup.finish(ctx, cfg, final, cfg.train, metrics,
+                        extra={"base": base, "eot": eot, "rewards": {n: rw.weight for n, rw in enabled.items()}})
 
 
 def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Reward (total and per component) over the first and the last quarter of the logged steps, the
-    last KL and the mean completion length and speed: how far the run moved, in a few numbers."""
+    last KL and the mean completion length: how far the run moved, in a few numbers."""
     logged = [r for r in rows if "reward" in r]
     if not logged:
         return {}
@@ -350,8 +333,7 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     kl = [r["kl"] for r in logged if isinstance(r.get("kl"), (int, float))]
     if kl:
         out["kl"] = kl[-1]
-    for key, label in (("completions/mean_length", "completion_length"), ("tokens_per_s", "tokens_per_s")):
-        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        if vals:
-            out[label] = sum(vals) / len(vals)
+    lengths = [r["completions/mean_length"] for r in rows if isinstance(r.get("completions/mean_length"), (int, float))]
+    if lengths:
+        out["completion_length"] = sum(lengths) / len(lengths)
     return out

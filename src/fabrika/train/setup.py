@@ -1,8 +1,10 @@
 """What every training stage shares: the optimisation settings, precision and device checks, the
-Trainer arguments, metrics logging (loss, tokens/s, MFU to metrics.jsonl) and exact resume.
+Trainer arguments, the evaluation split, metrics logging (loss, tokens/s, MFU to metrics.jsonl), exact
+resume, the final save on every rank and the stage's ending.
 
-Pretraining, SFT and preference tuning differ in data, trainable parameters and loss mask; they build
-their Trainer from the same pieces here so that a fix to resume or logging reaches all of them.
+Pretraining, SFT, preference tuning and RL differ in data, trainable parameters and loss; they build
+their Trainer from the same pieces here so that a fix to resume, speed accounting or saving reaches
+all of them. The fine-tuning stages' shared model loading is in finetune.py.
 """
 
 from __future__ import annotations
@@ -11,26 +13,23 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from fabrika.artifacts import atomic_write_text, read_jsonl
+from fabrika.artifacts import Artifact, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.faults import fault
+from fabrika.models.plan import device_peak_tflops, flops_per_token
+from fabrika.ranks import is_main_process, local_rank, rank, world_size
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-# Dense bf16 peak of common accelerators (vendor spec sheets), for MFU. Matched against the device name.
-# The first key found in the name wins: PCIe and NVL cards before the SXM part of the same name.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "B200": 2250.0,
-               "B100": 1750.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0, "L4": 121.0}
-
 
 class TrainParams(Config):
     max_steps: int | None = Field(None, description="Optimizer steps to run; overrides epochs when set.")
@@ -72,22 +71,6 @@ class TrainParams(Config):
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         return self
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_device(params: TrainParams) -> str:
@@ -161,55 +144,30 @@ def peak_flops(params: TrainParams) -> float | None:
     import torch
 
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        for key, tf in PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12
+        tflops = device_peak_tflops(torch.cuda.get_device_name(0))
+        return tflops * 1e12 if tflops else None
     return None
 
 
-def gpu_hours(flops: float, gpu: str = "H100", mfu: float = 0.4) -> float:
-    """Wall-clock GPU hours for `flops` at a model FLOPs utilisation typical of tuned bf16 training."""
-    return flops / (PEAK_TFLOPS[gpu] * 1e12 * mfu) / 3600
+def tokens_per_step(params: TrainParams, seq_len: int) -> int:
+    """Token slots one optimizer step fills over all ranks (an upper bound where batches are padded;
+    the metrics use the trainers' own count of real tokens where they log one)."""
+    return params.batch_size * params.grad_accum * world_size() * seq_len
 
 
-def params_from_name(model: str) -> float | None:
-    """Parameters of a Hub model guessed from its name (Meta-Llama-3-8B -> 8e9) when its config is not
-    at hand (dry runs offline); None when the name says nothing."""
-    import re
-
-    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model)
-    return float(m.group(1)) * 1e9 if m else None
-
-
-def planned_params(ref: str | None, ctx: Any) -> float | None:
-    """Parameters of the model a stage will load, for a dry run: the upstream training stage's own
-    estimate (`_params`) when `ref` names one, else a guess from the model's name."""
-    if not ref:
-        return None
-    return ctx.estimates.get(ref, {}).get("_params") or params_from_name(ctx.resolve_model(ref))
+def split_eval(ds, fraction: float, seed: int, minimum: int = 20):
+    """(train, validation) from one dataset; no validation set when `fraction` is 0 or the data has
+    fewer than `minimum` rows, too few to spare any."""
+    if not fraction or len(ds) < minimum:
+        return ds, None
+    parts = ds.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
 
 
-def flops_per_token(config: Any, seq_len: int, frozen_weights: bool = False) -> float:
-    """Training FLOPs per token: 6·N (matmul parameters, input embedding excluded) plus attention
-    scores 12·L·H·Q·T (PaLM, appendix B). MoE models count only the experts a token visits. With
-    `frozen_weights` (LoRA, QLoRA) the base weights get no gradients: 4·N (the forward's 2·N and the
-    activations' gradients' 2·N); the adapters' own FLOPs are a rounding error."""
-    from fabrika.models.presets import layer_linears
-
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    experts = getattr(config, "num_local_experts", None) or 1
-    active = (getattr(config, "num_experts_per_tok", None) or 1) if experts > 1 else 1
-    router = hidden * experts if experts > 1 else 0
-    matmul = sum(i * o for i, o in layer_linears(config, experts=active))
-    n = layers * (matmul + router) + hidden * config.vocab_size  # + lm_head
-    return (4.0 if frozen_weights else 6.0) * n + 12.0 * layers * heads * head_dim * seq_len
-
-
-def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None, **extra: Any):
-    """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings."""
+def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None,
+                      evaluate: bool = True, **extra: Any):
+    """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings;
+    `evaluate`: whether the stage has a validation set to evaluate on every eval_steps."""
     import torch
     from transformers import TrainingArguments
 
@@ -234,7 +192,7 @@ def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: 
         torch_compile=params.compile,
         use_liger_kernel=params.liger_kernel,
         logging_steps=params.logging_steps,
-        eval_strategy="steps" if params.eval_steps else "no",
+        eval_strategy="steps" if params.eval_steps and evaluate else "no",
         eval_steps=params.eval_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -296,11 +254,17 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float | None):
-    """Callbacks built on demand so that importing this module does not import transformers."""
+def make_callbacks(out_dir: Path, params: TrainParams, model_config: Any, seq_len: int, frozen_weights: bool = False):
+    """Callbacks built on demand so that importing this module does not import transformers. Speed and
+    MFU are counted the same way for every stage: `seq_len` tokens per sequence slot, FLOPs per token
+    of `model_config` (4·N with `frozen_weights`: adapters), the device's peak where it is known."""
     from transformers import TrainerCallback
 
     from fabrika.logs import live
+
+    step_tokens = tokens_per_step(params, seq_len)
+    fpt = flops_per_token(model_config, seq_len, frozen_weights=frozen_weights)
+    peak = peak_flops(params)
 
     class MetricsLogger(TrainerCallback):
         """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity."""
@@ -326,7 +290,7 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
                     if "num_tokens" in logs and self.last_tokens is not None:
                         tokens = logs["num_tokens"] - self.last_tokens
                     else:
-                        tokens = steps * tokens_per_step
+                        tokens = steps * step_tokens
                     tps = tokens / (now - self.last_time)
                     row["tokens_per_s"] = tps
                     if peak:
@@ -366,7 +330,7 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
         def on_step_end(self, args, state, control, **kw):
             steps = state.global_step - self.first_step
             if steps > 0:
-                self.numbers["tok/s"] = f"{steps * tokens_per_step / (time.perf_counter() - self.start):,.0f}"
+                self.numbers["tok/s"] = f"{steps * step_tokens / (time.perf_counter() - self.start):,.0f}"
             self._show(state)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -388,3 +352,49 @@ def make_callbacks(out_dir: Path, tokens_per_step: int, fpt: float, peak: float 
     if kill_at := fault("kill_at_step"):
         callbacks.append(FaultInjection(kill_at))
     return callbacks
+
+
+def speed_metrics(out_dir: Path) -> dict[str, float]:
+    """Mean tokens/s (and MFU where the device's peak is known) over the logged intervals."""
+    rows = [r for r in read_jsonl(out_dir / METRICS) if "tokens_per_s" in r]
+    out: dict[str, float] = {}
+    if rows:
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in rows) / len(rows)
+        mfu = [r["mfu"] for r in rows if "mfu" in r]
+        if mfu:
+            out["mfu"] = sum(mfu) / len(mfu)
+    return out
+
+
+def final_evaluation(trainer, step: int) -> dict[str, Any]:
+    """The validation metrics of the final weights: the evaluation logged at the last step when there
+    was one (the same weights), else a new one."""
+    logged = [r for r in trainer.state.log_history if "eval_loss" in r]
+    return logged[-1] if logged and logged[-1]["step"] == step else trainer.evaluate()
+
+
+def save_weights(trainer, final: Path, quiet: bool, on_main: Callable[[], Any] | None = None) -> None:
+    """The final weights, saved by every rank: under FSDP and ZeRO-3 gathering the weights is a
+    collective, so a rank that returned before it would leave rank 0 waiting for the NCCL timeout at
+    the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
+    work that follows (`on_main`: tokenizer, generation contract, merge) ends at a barrier the ranks
+    leave together."""
+    if trainer.is_fsdp_enabled:  # checkpoints were sharded; the final model must load with from_pretrained
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))
+    if not quiet:
+        print(f"rank {rank()} of {world_size()}: final {final.name} saved", flush=True)
+    if is_main_process() and on_main is not None:
+        on_main()
+    trainer.accelerator.wait_for_everyone()
+
+
+def finish(ctx: RunContext, cfg: Any, final: Path, params: TrainParams, metrics: dict[str, Any],
+           extra: dict[str, Any] | None = None) -> Artifact:
+    """The stage's ending: rank 0 drops the checkpoints (unless kept) and writes the manifest; the
+    other ranks hand back the stage's directory without one."""
+    if not is_main_process():
+        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=ctx.stage_dir, path=final, fingerprint=ctx.fingerprint)
+    if not params.keep_checkpoints:
+        shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
+    return ctx.finish(final, cfg, metrics=metrics, extra=extra)

@@ -12,28 +12,22 @@ prompts as training did and stops where the model learned to stop.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from fabrika import logs
-from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
+from fabrika import logs, ranks
+from fabrika.artifacts import Artifact, RunContext, atomic_write_json
 from fabrika.config import Config
 from fabrika.data.formats import convert_rows
 from fabrika.data.sources import iter_rows
 from fabrika.errors import FabrikaError
-from fabrika.models.checks import check_model_dir, check_tokenizer_dir
-from fabrika.models.refs import hf_target
-from fabrika.models.templates import TEMPLATES, TemplateName
-from fabrika.train import lm_head, setup
-
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
+from fabrika.models.templates import TemplateName
+from fabrika.models import plan
+from fabrika.train import finetune, lm_head, setup
+from fabrika.train.finetune import LoraParams
 
 
 class DataSource(Config):
@@ -42,13 +36,6 @@ class DataSource(Config):
     split: str = Field("train", description="Split to read from a Hub or saved dataset.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "chatml", "text"] = Field(
         "auto", description="Row format; auto detects it from the columns.")
-
-
-class LoraParams(Config):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, description="LoRA scaling alpha.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target: str | list[str] = Field("all-linear", description="Module names to adapt, or all-linear.")
 
 
 def _sft_train_defaults() -> setup.TrainParams:
@@ -87,29 +74,6 @@ def inputs(cfg: SFTConfig) -> list[str]:
     return [cfg.model] + [s.path for s in cfg.data]
 
 
-def model_path(ref: str) -> str:
-    return hf_target(ref)
-
-
-def adapter_base(ref: str) -> str | None:
-    """The base model an adapter directory names (None when `ref` is a full model)."""
-    adapter_config = Path(ref) / "adapter_config.json"
-    if not adapter_config.is_file() or (Path(ref) / "config.json").exists():
-        return None
-    return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
-
-
-def check_model(ref: str, setting: str) -> str:
-    """A model directory or Hub id; an adapter directory must name a base model that can be found."""
-    check_model_dir(ref, setting)
-    base = adapter_base(ref)
-    if base is None:
-        check_tokenizer_dir(ref, setting)
-    if base is not None and not (base and (Path(base).exists() or base.count("/") == 1)):
-        raise FabrikaError(f"{setting}: the adapter {ref} names base model {base!r}, which is not there")
-    return ref
-
-
 # --- data -------------------------------------------------------------------------------------
 
 def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list[list[dict]], dict[str, Any]]:
@@ -133,31 +97,6 @@ def load_conversations(cfg: SFTConfig, ctx: RunContext, seed: int) -> tuple[list
     return mixed, stats
 
 
-def apply_template(tokenizer, model, name: str, need_generation_marker: bool) -> tuple[str, int]:
-    """Install the chat template on the tokenizer, adding the tokens it needs (the embeddings are
-    resized by the caller). Returns the end-of-turn token and how many tokens were added."""
-    added = 0
-    if name == "tokenizer":
-        template = tokenizer.chat_template
-        if not template:
-            raise FabrikaError("sft.template: the model's tokenizer has no chat template; choose chatml, llama3 or mistral")
-        eot = tokenizer.eos_token
-    else:
-        spec = TEMPLATES[name]
-        missing = [t for t in spec.special_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-        if missing:
-            added = tokenizer.add_special_tokens({"additional_special_tokens": missing})
-        template = spec.jinja
-        eot = spec.end_of_turn or tokenizer.eos_token
-    if need_generation_marker and "{% generation %}" not in template.replace("{%- generation %}", "{% generation %}"):
-        raise FabrikaError(f"sft.template: the {name} template has no {{% generation %}} marker, so assistant "
-                           "tokens cannot be found; use chatml/llama3/mistral or set assistant_only_loss: false")
-    tokenizer.chat_template = template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return eot, added
-
-
 def split_by_length(convs: list[list[dict]], tokenizer, max_length: int, overlong: str):
     lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in convs]
     too_long = sum(n > max_length for n in lengths)
@@ -167,113 +106,6 @@ def split_by_length(convs: list[list[dict]], tokenizer, max_length: int, overlon
     if not convs:
         raise FabrikaError(f"sft: every conversation is longer than max_length={max_length}; raise it")
     return convs, {"overlong": too_long, "overlong_action": overlong, "tokens": sum(min(n, max_length) for n in lengths)}
-
-
-# --- model ------------------------------------------------------------------------------------
-
-def _check_method(cfg: SFTConfig, key: str = "sft.method") -> None:
-    import torch
-
-    if cfg.method == "qlora":
-        if not torch.cuda.is_available():
-            raise FabrikaError(f"{key}: qlora needs a CUDA GPU (bitsandbytes 4-bit training is not reliable on "
-                               "CPU); use method: lora on this machine")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise FabrikaError(f"{key}: qlora needs bitsandbytes (pip install bitsandbytes)") from None
-
-
-def load_base(path: str, cfg: SFTConfig, precision: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"attn_implementation": setup.attention(cfg.train, precision, fine_tuning=True)}
-    if precision == "bf16":
-        kwargs["dtype"] = torch.bfloat16
-    if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(  # bf16 storage: FSDP can shard the 4-bit weights
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-        kwargs["dtype"] = torch.bfloat16
-        if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
-            kwargs["device_map"] = {"": setup.local_rank()}
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise FabrikaError(f"sft.model: cannot load {path!r}: {e}") from None
-
-
-def lora_config(cfg: SFTConfig, model, new_token_ids: list[int]):
-    """peft settings; unknown target modules are named together with the ones the model has."""
-    from peft import LoraConfig
-
-    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                     if type(mod).__name__ in ("Linear", "Linear4bit", "Conv1D") and "lm_head" not in name})
-    target = cfg.lora.target
-    if target != "all-linear":
-        targets = [target] if isinstance(target, str) else target
-        unknown = [t for t in targets if t not in linear]
-        if unknown:
-            raise FabrikaError(f"sft.lora.target: {', '.join(unknown)} not in this model; its linear modules: "
-                               f"{', '.join(linear)}")
-    extra: dict[str, Any] = {}
-    if new_token_ids:  # new template tokens need trainable embeddings, not only adapters
-        emb = model.get_input_embeddings()
-        names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is emb or m is model.get_output_embeddings()]
-        extra["modules_to_save"] = sorted(set(names))
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target, task_type="CAUSAL_LM", **extra)
-
-
-def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
-    """generation_config stops at the end-of-turn token (and the plain eos) exactly as trained."""
-    from transformers import GenerationConfig
-
-    ids = []
-    for tok in (eot, tokenizer.eos_token):
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if i is not None and i not in ids:
-            ids.append(i)
-    GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
-
-
-def merge_adapter(base: str, adapter_dir: Path, out: Path, tokenizer, eot: str) -> None:
-    """Merge on a fresh full-precision copy of the base: merging into 4-bit weights would lose precision."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_generation_contract(out, tokenizer, eot)
-
-
-def save_final(trainer, method: str, merge: bool, out: Path, base: str, tokenizer, eot: str, quiet: bool) -> Path:
-    """The final model or adapter, saved by every rank: under FSDP and ZeRO-3 gathering the weights is
-    a collective, so a rank that returned before it would leave rank 0 waiting for the NCCL timeout at
-    the very end of a run. `Trainer.save_model` gathers on all ranks and writes on rank 0; the rank-0
-    work that follows (tokenizer, generation contract, merge) ends at a barrier the ranks leave together."""
-    final = out / (MODEL_DIR if method == "full" else ADAPTER_DIR)
-    if trainer.is_fsdp_enabled:  # checkpoints were sharded; the final model must load with from_pretrained
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(final))
-    if not quiet:
-        print(f"rank {setup.rank()} of {setup.world_size()}: final {'model' if method == 'full' else 'adapter'} saved",
-              flush=True)
-    if setup.is_main_process():
-        tokenizer.save_pretrained(final)
-        save_generation_contract(final, tokenizer, eot)
-        if method != "full" and merge:
-            merge_adapter(base, final, out / MODEL_DIR, tokenizer, eot)
-    trainer.accelerator.wait_for_everyone()
-    return out / MODEL_DIR if method != "full" and merge else final
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -323,14 +155,14 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
     stage's plan, parameters from the model's name when its config is not local."""
     p = cfg.train
     out: dict[str, Any] = {"method": cfg.method, "epochs": p.epochs,
-                           "tokens_per_step": p.batch_size * p.grad_accum * setup.world_size() * cfg.max_length}
+                           "tokens_per_step": setup.tokens_per_step(p, cfg.max_length)}
     sources = [cfg.data] if isinstance(cfg.data, str) else [d.path for d in cfg.data]
     rows = sum(ctx.estimates.get(src, {}).get("_rows", 0) for src in sources)
     if p.max_steps:
         tokens = p.max_steps * out["tokens_per_step"]
     else:
         tokens = rows * TOKENS_PER_EXAMPLE * p.epochs if rows else None
-    n = setup.planned_params(cfg.model, ctx)
+    n = plan.planned_params(cfg.model, ctx)
     if n:
         out["_params"] = n  # for the stages downstream (export's time)
     if tokens:
@@ -338,67 +170,38 @@ def estimate(cfg: SFTConfig, ctx: RunContext) -> dict[str, Any]:
     if tokens and n:
         per_token = 4 * n if cfg.method != "full" else 6 * n  # adapters: no weight gradients for the base
         mfu = 0.25 if cfg.method == "qlora" else 0.4  # NF4 weights are dequantised on every matmul
-        out["h100_hours"] = round(setup.gpu_hours(per_token * tokens, mfu=mfu), 2)
+        out["h100_hours"] = round(plan.gpu_hours(per_token * tokens, mfu=mfu), 2)
     return out
 
 
 def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     precision = setup.check_device(cfg.train)
-    _check_method(cfg)
+    finetune.check_method(cfg.method, "sft")
     if cfg.method == "qlora" and "gradient_checkpointing" not in cfg.train.model_fields_set:
         # QLoRA is chosen to fit a small GPU: activations of 8B at 2k tokens would not, without recomputing
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
-    base = check_model(model_path(ctx.resolve_model(ctx.resolve(cfg.model))), "sft.model")
+    base = finetune.starting_model(cfg.model, ctx, "sft")
     convs, data_stats = load_conversations(cfg, ctx, ctx.seed)
 
     import datasets  # after the checks: a wrong setting or a bad row is reported without waiting for these
-    import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig as TRLConfig, SFTTrainer
 
-    set_seed(ctx.seed)  # adapters are initialised before the Trainer seeds anything: a rerun must match
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except OSError as e:
-        raise FabrikaError(f"sft.model: cannot load the tokenizer of {base!r}: {e}") from None
-    before = len(tokenizer)
-    eot, added = apply_template(tokenizer, None, cfg.template, cfg.assistant_only_loss)
+    tokenizer, eot, new_ids = finetune.load_tokenizer(base, cfg.template, "sft", cfg.assistant_only_loss)
     convs, length_stats = split_by_length(convs, tokenizer, cfg.max_length, cfg.overlong)
-
-    model = load_base(base, cfg, precision)
-    new_ids = list(range(before, len(tokenizer))) if added else []
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-        if not new_ids:  # frozen, yet upcast to fp32 above: +2 GB for Llama-3-8B's embeddings and LM head
-            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-                layer.to(torch.bfloat16)
-    if cfg.method in ("lora", "qlora"):
-        model = get_peft_model(model, lora_config(cfg, model, new_ids))
-
-    ds = datasets.Dataset.from_dict({"messages": convs})
-    eval_ds = None
-    if cfg.eval_fraction and len(ds) >= 20:
-        parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=ctx.seed)
-        ds, eval_ds = parts["train"], parts["test"]
+    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, cfg.train, precision, ctx.seed, "sft", new_ids)
+    ds, eval_ds = setup.split_eval(datasets.Dataset.from_dict({"messages": convs}), cfg.eval_fraction, ctx.seed)
 
     out = ctx.stage_dir
     batching = batching_mode(cfg, precision)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.world_size() * cfg.max_length
     args = setup.trainer_arguments(
-        cfg.train, out, precision, ctx.seed, cls=TRLConfig,
+        cfg.train, out, precision, ctx.seed, cls=TRLConfig, evaluate=eval_ds is not None,
         max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
         eos_token=eot, neftune_noise_alpha=cfg.neftune_alpha,  # the pad token: the tokenizer's own
-        dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
-        **({} if eval_ds is not None else {"eval_strategy": "no"}))
+        dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random")
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
         model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                         callbacks=setup.make_callbacks(out, tokens_per_step,
-                                                        setup.flops_per_token(model.config, cfg.max_length,
-                                                                              frozen_weights=cfg.method != "full"),
-                                                        setup.peak_flops(cfg.train)))
+        callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.max_length,
+                                       frozen_weights=cfg.method != "full"))
     compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
                                        trainer.args.device)
     setup.quiet_trainer(trainer, ctx.quiet)
@@ -406,18 +209,14 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                               "conversations": len(ds), **length_stats, "world_size": setup.world_size(),
+                               "conversations": len(ds), **length_stats, "world_size": ranks.world_size(),
                                "batching": batching, "loss_head": "labelled positions" if compact else "trl"}
     if eval_ds is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss"] = setup.final_evaluation(trainer, result.global_step)["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
-    speeds = [r["tokens_per_s"] for r in read_jsonl(out / setup.METRICS) if "tokens_per_s" in r]
-    if speeds:
-        metrics["tokens_per_s"] = sum(speeds) / len(speeds)
-    final = save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
-    if not setup.is_main_process():
-        return Artifact(stage=ctx.stage, kind=ctx.kind, dir=out, path=out, fingerprint=ctx.fingerprint)
-    atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
-    if not cfg.train.keep_checkpoints:
-        shutil.rmtree(out / setup.CHECKPOINTS, ignore_errors=True)
-    return ctx.finish(final, cfg, metrics=metrics, extra={"base": base, "template": cfg.template, "eot": eot})
+    metrics.update(setup.speed_metrics(out))
+    final = finetune.save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
+    if ranks.is_main_process():
+        atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
+    return setup.finish(ctx, cfg, final, cfg.train, metrics,
+                        extra={"base": base, "template": cfg.template, "eot": eot})
