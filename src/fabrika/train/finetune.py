@@ -7,6 +7,7 @@ value points at the key the user wrote, whichever stage it was in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fabrika.models.model_dir import (ADAPTER_DIR, MODEL_DIR, check_model, merge
                                       save_generation_contract)
 from fabrika.models.templates import get_template
 from fabrika.train import setup
+
 
 class LoraParams(Config):
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -154,7 +156,7 @@ def lora_config(lora: LoraParams, model, new_token_ids: list[int], stage: str):
 
 
 def load_model(base: str, tokenizer, method: str, lora: LoraParams, params: setup.TrainParams, precision: str,
-               seed: int, stage: str, new_token_ids: list[int] = ()):
+               seed: int, stage: str, new_token_ids: Sequence[int] = ()):
     """The model to train: the base with embeddings for the template's new tokens, prepared for 4-bit
     training (qlora) and wrapped with fresh adapters (lora, qlora)."""
     import torch

@@ -35,7 +35,9 @@ class PreferConfig(Config):
     split: str = Field("train", description="Split to read.")
     loss: Literal["dpo", "ipo", "orpo", "simpo"] = Field("dpo", description="Preference objective: dpo, ipo, orpo or simpo.")
     beta: float = Field(0.1, gt=0, description="Strength of the preference (KL) term.")
-    method: Literal["full", "lora"] = Field("lora", description="Train all weights (full) or a LoRA adapter (lora).")
+    method: Literal["full", "lora"] = Field(
+        "lora", description="Train all weights (full: lr at most 1e-5 unless train.lr is set; DPO/IPO reference "
+        "log-probabilities computed once before training) or a LoRA adapter (lora).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings.")
     template: str = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     max_length: int = Field(1024, ge=16, description="Prompt + answer tokens kept.")

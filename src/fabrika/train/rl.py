@@ -82,7 +82,8 @@ class RLConfig(Config):
                              "{weight: 0.5}}.")
     rollouts: Rollouts = Field(default_factory=Rollouts, description="Sampling of the completions.")
     beta: float = Field(0.04, ge=0, description="KL penalty to the starting model (0: no reference, no KL).")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="What to train: full (all weights; lr at most 1e-5 unless train.lr is set), lora or qlora.")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     template: str = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")

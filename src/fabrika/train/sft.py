@@ -47,7 +47,9 @@ class SFTConfig(Config):
     model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
     data: str | list[DataSource] = Field(description="Chat data: a stage, dataset dir, file or Hub id; or a weighted list of sources.")
     template: str = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train: full (all weights), lora (an adapter) or qlora (an adapter on a 4-bit base).")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="What to train: full (all weights, in fp32 with bf16 autocast; lr at most 1e-5 unless "
+        "train.lr is set), lora (an adapter) or qlora (an adapter on a 4-bit base).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
     batching: Literal["auto", "packed", "grouped", "padded"] = Field(
