@@ -49,6 +49,8 @@ def test_full_sft_memorises_and_stops_through_chat(tmp_path, plain_base):
     art = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True))
     model_dir = art.path
     assert art.metrics["loss_head"] == "labelled positions"  # on CPU, not TRL's every-position kernel
+    assert art.metrics["weights_dtype"] == "fp32" and art.metrics["lr"] == 1e-2  # the lr given, not full's default
+    assert art.metrics["devices"] == {"0": {"local_rank": 0, "device": "cpu"}} and art.metrics["world_size"] == 1
     gen = json.loads((model_dir / "generation_config.json").read_text())
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert "<|im_end|>" in json.dumps(tok_cfg) or "<|im_end|>" in (model_dir / "tokenizer.json").read_text()
@@ -62,6 +64,24 @@ def test_full_sft_memorises_and_stops_through_chat(tmp_path, plain_base):
         assert r.returncode == 0, r.stderr[-2000:]
         answer = r.stdout.strip()
         assert answer == a, (q, answer)  # exactly the answer: it stopped at <|im_end|> by itself
+
+
+def test_training_arguments_exist_before_the_model_loads(tmp_path, plain_base, monkeypatch):
+    """They tell from_pretrained to shard (DeepSpeed ZeRO-3's zero.Init, FSDP's loading on one rank):
+    built after it, every rank would first load the whole model (see setup.trainer_arguments)."""
+    from transformers import AutoModelForCausalLM
+
+    from fabrika.train import setup
+
+    events: list[str] = []
+    real_arguments, real_load = setup.trainer_arguments, AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(setup, "trainer_arguments",
+                        lambda *a, **k: events.append("arguments") or real_arguments(*a, **k))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: events.append("model") or real_load(*a, **k))
+    cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="full", train={"max_steps": 1})
+    sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "out", quiet=True))
+    assert events[:2] == ["arguments", "model"]
 
 
 def test_auto_kernels_on_a_cpu_machine():
@@ -137,13 +157,16 @@ def test_bad_inputs(tmp_path, plain_base):
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("loss", ["dpo", "orpo"])
-def test_prefer_from_sft(tmp_path, plain_base, loss):
+@pytest.mark.parametrize("loss, method, reference", [("dpo", "lora", "adapter disabled"), ("orpo", "lora", "none"),
+                                                    ("dpo", "full", "precomputed log-probs")])
+def test_prefer_from_sft(tmp_path, plain_base, loss, method, reference):
+    """Full DPO takes its reference log-probabilities from one pass before training, not from a second
+    copy of the model."""
     cfg, _ = run_sft(tmp_path, plain_base, str(facts_data(tmp_path)), method="full", train={"max_steps": 10})
     base = sft.run(cfg, RunContext(stage="sft", kind="sft", stage_dir=tmp_path / "sft", quiet=True)).path
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."} for i in range(24)])
-    pcfg = prefer.CONFIG(model=str(base), data=str(pairs), loss=loss, max_length=64,
+    pcfg = prefer.CONFIG(model=str(base), data=str(pairs), loss=loss, method=method, max_length=64,
                          train={"max_steps": 6, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "eval_steps": 3,
                                 "save_steps": 100, "peak_tflops": 1.0})
     art = prefer.run(pcfg, RunContext(stage="prefer", kind="prefer", stage_dir=tmp_path / "p", quiet=True))
@@ -151,6 +174,7 @@ def test_prefer_from_sft(tmp_path, plain_base, loss):
     assert m["steps"] == 6 and "rewards/margins" in m and "eval_loss" in m
     # speed is counted as in every training stage: tokens/s, and MFU once a peak is known (given here)
     assert m["tokens_per_s"] > 0 and m["mfu"] > 0
+    assert m["reference"] == reference and m["lr"] == 1e-3  # the lr given is kept, full or not
     assert (art.path / "model.safetensors").exists() and art.path.name == "model"
 
 
@@ -182,7 +206,6 @@ def test_killed_sft_resumes_exactly(tmp_path, plain_base):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
 
 
-@pytest.mark.slow
 def test_sft_with_two_cpu_processes(tmp_path, plain_base):
     import socket
     import sys
@@ -198,9 +221,12 @@ def test_sft_with_two_cpu_processes(tmp_path, plain_base):
     r = run_cli("sft", "--config", str(path), "--out", str(out), launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     # every rank takes part in the final save (a collective under FSDP and ZeRO-3), none returns before it
-    assert "rank 0 of 2: final adapter saved" in r.stdout and "rank 1 of 2: final adapter saved" in r.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 (local rank {rank}, cpu): final adapter saved" in r.stdout, r.stdout[-3000:]
     m = read_manifest(out)
     assert m["metrics"]["world_size"] == 2 and (out / "model" / "model.safetensors").exists()
+    # a stand-alone command under a launcher: each rank in its own place, as the launcher numbered it
+    assert m["metrics"]["devices"] == {"0": {"local_rank": 0, "device": "cpu"}, "1": {"local_rank": 1, "device": "cpu"}}
     assert (out / "adapter" / "adapter_config.json").exists() and sorted(_losses(out)) == [1, 2, 3, 4]
 
 

@@ -7,6 +7,7 @@ value points at the key the user wrote, whichever stage it was in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fabrika.models.model_dir import (ADAPTER_DIR, MODEL_DIR, check_model, merge
                                       save_generation_contract)
 from fabrika.models.templates import TEMPLATES
 from fabrika.train import setup
+
 
 class LoraParams(Config):
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -87,20 +89,42 @@ def load_tokenizer(base: str, template: str, stage: str, need_generation_marker:
     return tokenizer, eot, list(range(before, len(tokenizer))) if added else []
 
 
+FULL_LR = 1e-5  # the usual peak for full fine-tuning of 1-70B models; LoRA's adapters take ~10x more
+
+
+def training_params(params: setup.TrainParams, method: str, lr_given: bool) -> setup.TrainParams:
+    """The optimisation settings a method trains with. A stage's default learning rate is chosen for
+    LoRA (sft: 2e-4), where a few million fresh adapter weights move; updating every weight of the
+    model at that rate wrecks it, so full fine-tuning takes at most FULL_LR unless the user set one
+    (`lr_given`), which is always kept."""
+    if method != "full" or lr_given or params.lr <= FULL_LR:
+        return params
+    return params.model_copy(update={"lr": FULL_LR})
+
+
+def choices(lr: float, method: str, precision: str, quiet: bool) -> dict[str, Any]:
+    """The learning rate and the weights' dtype the method trains with (training_params,
+    setup.weights_dtype): said once by rank 0 (run.log in a pipeline) and kept in the metrics."""
+    made = {"lr": lr, "weights_dtype": setup.weights_dtype(method, precision), "precision": precision}
+    if not quiet and ranks.is_main_process():
+        print(f"{method} training: learning rate {lr:g}, weights loaded in {made['weights_dtype']}, "
+              f"{precision} compute", flush=True)
+    return made
+
+
 def load_base(path: str, method: str, params: setup.TrainParams, precision: str, stage: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": setup.attention(params, precision, fine_tuning=True)}
-    if precision == "bf16":
-        kwargs["dtype"] = torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": "auto"}[setup.weights_dtype(method, precision)]
+    kwargs: dict[str, Any] = {"attn_implementation": setup.attention(params, precision, fine_tuning=True),
+                              "dtype": dtype}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(  # bf16 storage: FSDP can shard the 4-bit weights
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-        kwargs["dtype"] = torch.bfloat16
         if torch.cuda.is_available():  # 4-bit weights load straight onto this rank's GPU, not all onto GPU 0
             kwargs["device_map"] = {"": ranks.local_rank()}
     try:
@@ -132,7 +156,7 @@ def lora_config(lora: LoraParams, model, new_token_ids: list[int], stage: str):
 
 
 def load_model(base: str, tokenizer, method: str, lora: LoraParams, params: setup.TrainParams, precision: str,
-               seed: int, stage: str, new_token_ids: list[int] = ()):
+               seed: int, stage: str, new_token_ids: Sequence[int] = ()):
     """The model to train: the base with embeddings for the template's new tokens, prepared for 4-bit
     training (qlora) and wrapped with fresh adapters (lora, qlora)."""
     import torch

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
@@ -115,7 +114,8 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str
 
     if cfg.init_from:
         source = ctx.resolve(cfg.init_from)
-        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention)
+        dtype = torch.bfloat16 if setup.weights_dtype("full", precision) == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention, dtype=dtype)
         hf_config = model.config
     else:
         hf_config = cfg.model.to_hf_config(vocab_size=len(tokenizer))
@@ -163,11 +163,11 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     data_dir = _data_dir(cfg, ctx)
     index = read_index(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg, ctx, data_dir, index))
-    model = _build_model(cfg, ctx, tokenizer, precision)
     train_ds, val_ds = _load_data(cfg, data_dir, index)
 
     out = ctx.stage_dir
-    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, evaluate=len(val_ds) > 0)
+    args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, evaluate=len(val_ds) > 0)  # see its docstring
+    model = _build_model(cfg, ctx, tokenizer, precision)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
                       callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.seq_len))
 
@@ -177,12 +177,11 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
                                "train_tokens": result.global_step * setup.tokens_per_step(cfg.train, cfg.seq_len),
-                               "parameters": sum(p.numel() for p in model.parameters()),
-                               "world_size": ranks.world_size()}
+                               "parameters": sum(p.numel() for p in model.parameters())}
     if len(val_ds):
         metrics["eval_loss"] = setup.final_evaluation(trainer, result.global_step)["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
-    metrics.update(setup.speed_metrics(out))
+    metrics.update(setup.run_metrics(trainer, out))
 
     model_dir = out / MODEL_DIR
 
@@ -193,4 +192,4 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
 
     setup.save_weights(trainer, model_dir, ctx.quiet, on_main)
-    return setup.finish(ctx, cfg, model_dir, cfg.train, metrics)
+    return setup.finish(ctx, cfg, model_dir, cfg.train.keep_checkpoints, metrics)

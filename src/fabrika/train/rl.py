@@ -83,7 +83,8 @@ class RLConfig(Config):
                              "{weight: 0.5}}.")
     rollouts: Rollouts = Field(default_factory=Rollouts, description="Sampling of the completions.")
     beta: float = Field(0.04, ge=0, description="KL penalty to the starting model (0: no reference, no KL).")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="What to train: full (all weights; lr at most 1e-5 unless train.lr is set), lora or qlora.")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     template: Literal[TemplateName, "tokenizer"] = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
@@ -277,10 +278,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     source = ctx.resolve(cfg.data)
     rows, data_stats = load_prompts(cfg, source, need_language)
 
-    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, cfg.train, precision, ctx.seed, "rl")
     eos_ids = _eos_ids(tokenizer, eot)
-    model.generation_config.eos_token_id = eos_ids  # completions end where chat answers end
-
     out = ctx.stage_dir
     codes = tuple(sorted(set(cfg.languages) | {r["language"] for r in rows if r.get("language")}))
     funcs: list[Any] = []
@@ -293,27 +291,31 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
             funcs.append(R.trl_function(name, R.rule_scorer(name, reward, codes), set(eos_ids)))
 
     r = cfg.rollouts
-    args = setup.trainer_arguments(
-        cfg.train, out, precision, ctx.seed, cls=GRPOConfig, evaluate=False,
+    params = finetune.training_params(cfg.train, cfg.method, setup.set_by_user(cfg, "train", "lr"))
+    chosen = finetune.choices(params.lr, cfg.method, precision, ctx.quiet)
+    args = setup.trainer_arguments(  # before the model: see trainer_arguments
+        params, out, precision, ctx.seed, cls=GRPOConfig, evaluate=False,
         num_generations=r.num_generations, max_completion_length=r.max_completion_length, temperature=r.temperature,
         top_p=r.top_p, beta=cfg.beta, reward_weights=[rw.weight for rw in enabled.values()], **vllm)
+    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, params, precision, ctx.seed, "rl")
+    model.generation_config.eos_token_id = eos_ids  # completions end where chat answers end
     trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                train_dataset=datasets.Dataset.from_list(rows),
-                               callbacks=setup.make_callbacks(out, cfg.train, model.config, r.max_completion_length,
+                               callbacks=setup.make_callbacks(out, params, model.config, r.max_completion_length,
                                                               frozen_weights=cfg.method != "full"))
     setup.quiet_trainer(trainer, ctx.quiet)
     resume = setup.resume_point(out)
     with judge or nullcontext():  # a local judge is served, and the judge's journal open, while training runs
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **data_stats,
-               **summarise(list(read_jsonl(out / setup.METRICS)), list(enabled)), **setup.speed_metrics(out)}
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **data_stats, **chosen,
+               **summarise(list(read_jsonl(out / setup.METRICS)), list(enabled)), **setup.run_metrics(trainer, out)}
     if judge is not None:
         metrics.update({f"judge_{k}": v for k, v in sorted(judge.stats.items())})
     final = finetune.save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if ranks.is_main_process():
         atomic_write_json(out / "data_stats.json", data_stats)
-    return setup.finish(ctx, cfg, final, cfg.train, metrics,
+    return setup.finish(ctx, cfg, final, cfg.train.keep_checkpoints, metrics,
                         extra={"base": base, "eot": eot, "rewards": {n: rw.weight for n, rw in enabled.items()}})
 
 

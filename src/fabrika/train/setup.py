@@ -73,6 +73,38 @@ class TrainParams(Config):
         return self
 
 
+def sharding() -> str | None:
+    """The strategy accelerate launched this process with to shard weights and optimizer state (FSDP,
+    DeepSpeed); None on one device or under data parallel, where every rank holds everything."""
+    for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            return name
+    return None
+
+
+def set_by_user(cfg: Config, *path: str) -> bool:
+    """Whether the user wrote this setting (`set_by_user(cfg, "train", "lr")`), rather than it coming
+    from a default: a default may then be chosen to suit other settings, a value given never is."""
+    node: Any = cfg
+    for name in path:
+        if not isinstance(node, Config) or name not in node.model_fields_set:
+            return False
+        node = getattr(node, name)
+    return True
+
+
+def weights_dtype(method: str, precision: str) -> str:
+    """The dtype the weights are loaded in: bf16, fp32, or auto (as saved). Frozen base weights (lora,
+    qlora) are only read: bf16 when training in bf16, else as saved. Trained weights (full) must be
+    fp32 on one device or under data parallel: in bf16, optimizer state and weights round away
+    updates smaller than 1/256 of a weight (most of them, at full fine-tuning's learning rates), and
+    the Trainer's bf16 is autocast around fp32 master weights. FSDP upcasts trained weights to fp32
+    itself and DeepSpeed keeps fp32 master copies, so there they load in bf16, sparing host memory."""
+    if method == "qlora" or (precision == "bf16" and (method != "full" or sharding())):
+        return "bf16"
+    return "fp32" if method == "full" else "auto"
+
+
 def check_device(params: TrainParams) -> str:
     """Fail before loading anything when an option needs hardware this machine lacks."""
     import torch
@@ -98,10 +130,9 @@ def check_device(params: TrainParams) -> str:
         except ImportError:
             raise FabrikaError("train.liger_kernel: needs the liger-kernel package (pip install liger-kernel), "
                                "or set it to false") from None
-    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-               if os.environ.get(var, "").lower() in ("1", "true")]
+    sharded = sharding()
     if sharded and not cuda:  # accelerate would start every process as an independent rank 0
-        raise FabrikaError(f"{sharded[0]} needs CUDA GPUs; on CPU launch data parallel instead (torchrun "
+        raise FabrikaError(f"{sharded} needs CUDA GPUs; on CPU launch data parallel instead (torchrun "
                            "--nproc_per_node N -m fabrika.cli ..., or the ddp accelerate config)")
     gpus = torch.cuda.device_count() if cuda else 0
     if gpus > 1 and "WORLD_SIZE" not in os.environ:  # transformers would wrap the model in nn.DataParallel
@@ -167,7 +198,20 @@ def split_eval(ds, fraction: float, seed: int, minimum: int = 20):
 def trainer_arguments(params: TrainParams, out_dir: Path, precision: str, seed: int, cls: Any = None,
                       evaluate: bool = True, **extra: Any):
     """TrainingArguments (or a subclass such as TRL's SFTConfig, via `cls`) from fabrika's settings;
-    `evaluate`: whether the stage has a validation set to evaluate on every eval_steps."""
+    `evaluate`: whether the stage has a validation set to evaluate on every eval_steps.
+
+    Build them BEFORE the model is loaded, and keep them alive while it loads: they are what tells
+    `from_pretrained` that the weights are to be sharded, and without that every rank loads the whole
+    model into host RAM first (8 ranks × 16 GB for an 8B model in bf16).
+    - DeepSpeed: under `accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED), creating
+      the arguments creates accelerate's DeepSpeedPlugin, which registers transformers' HfDeepSpeedConfig
+      through a weak reference. While that object lives, `is_deepspeed_zero3_enabled()` is true and
+      `from_pretrained` builds the model inside `deepspeed.zero.Init`, each rank holding its shard only.
+    - FSDP: `from_pretrained` loads the weights on local rank 0 alone and leaves the other ranks' on
+      the meta device, to be broadcast when FSDP wraps the model (cpu_ram_efficient_loading), only when
+      torch.distributed is already initialised and FSDP_CPU_RAM_EFFICIENT_LOADING is set. accelerate
+      launch sets that variable from the config (fsdp.yaml sets it); creating the arguments starts the
+      process group (their device setup creates accelerate's PartialState)."""
     import torch
     from transformers import TrainingArguments
 
@@ -267,15 +311,36 @@ def make_callbacks(out_dir: Path, params: TrainParams, model_config: Any, seq_le
     peak = peak_flops(params)
 
     class MetricsLogger(TrainerCallback):
-        """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity."""
+        """Append every log to metrics.jsonl (on the main process) with tokens/s, MFU and perplexity.
+
+        Speed is training speed: the time spent evaluating and writing checkpoints after a step is
+        measured (from the step's end, or its log, to the evaluation's or the save's end) and left out
+        of the interval it falls in, or a run that evaluates often would look slow."""
 
         def __init__(self) -> None:
             self.last_time: float | None = None
             self.last_step = 0
             self.last_tokens: float | None = None
+            self.mark = 0.0  # when the last training work ended (a step, its log, an evaluation, a save)
+            self.paused = 0.0  # evaluation and saving time inside the current interval
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_time, self.last_step = time.perf_counter(), state.global_step
+            self.mark, self.paused = self.last_time, 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.mark = time.perf_counter()
+
+        def on_evaluate(self, args, state, control, **kw):
+            self._pause()
+
+        def on_save(self, args, state, control, **kw):
+            self._pause()
+
+        def _pause(self) -> None:
+            now = time.perf_counter()
+            self.paused += now - self.mark
+            self.mark = now
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -291,12 +356,13 @@ def make_callbacks(out_dir: Path, params: TrainParams, model_config: Any, seq_le
                         tokens = logs["num_tokens"] - self.last_tokens
                     else:
                         tokens = steps * step_tokens
-                    tps = tokens / (now - self.last_time)
+                    tps = tokens / max(now - self.last_time - self.paused, 1e-9)
                     row["tokens_per_s"] = tps
                     if peak:
                         row["mfu"] = tps * fpt / (peak * world_size())
                 self.last_time, self.last_step = now, state.global_step
                 self.last_tokens = logs.get("num_tokens")
+                self.mark, self.paused = now, 0.0
             if "eval_loss" in logs:
                 row["eval_ppl"] = math.exp(min(logs["eval_loss"], 50))
             with open(out_dir / METRICS, "a", encoding="utf-8") as f:
@@ -366,6 +432,23 @@ def speed_metrics(out_dir: Path) -> dict[str, float]:
     return out
 
 
+def device_name(device) -> str:
+    """cuda:3 for an accelerator; cpu for the processor, whose index (cpu:0 under data parallel) says
+    nothing."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def run_metrics(trainer, out_dir: Path) -> dict[str, Any]:
+    """What every training stage reports besides its losses: speed, MFU, the world size and where
+    each rank trained ({rank: {local_rank, device}}), gathered from all ranks: a collective, so every
+    rank calls it."""
+    from accelerate.utils import gather_object
+
+    mine = [{"rank": rank(), "local_rank": local_rank(), "device": device_name(trainer.args.device)}]
+    placed = {str(d["rank"]): {"local_rank": d["local_rank"], "device": d["device"]} for d in gather_object(mine)}
+    return {**speed_metrics(out_dir), "world_size": world_size(), "devices": placed}
+
+
 def final_evaluation(trainer, step: int) -> dict[str, Any]:
     """The validation metrics of the final weights: the evaluation logged at the last step when there
     was one (the same weights), else a new one."""
@@ -383,18 +466,19 @@ def save_weights(trainer, final: Path, quiet: bool, on_main: Callable[[], Any] |
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))
     if not quiet:
-        print(f"rank {rank()} of {world_size()}: final {final.name} saved", flush=True)
+        print(f"rank {rank()} of {world_size()} (local rank {local_rank()}, {device_name(trainer.args.device)}): "
+              f"final {final.name} saved", flush=True)
     if is_main_process() and on_main is not None:
         on_main()
     trainer.accelerator.wait_for_everyone()
 
 
-def finish(ctx: RunContext, cfg: Any, final: Path, params: TrainParams, metrics: dict[str, Any],
+def finish(ctx: RunContext, cfg: Any, final: Path, keep_checkpoints: bool, metrics: dict[str, Any],
            extra: dict[str, Any] | None = None) -> Artifact:
     """The stage's ending: rank 0 drops the checkpoints (unless kept) and writes the manifest; the
     other ranks hand back the stage's directory without one."""
     if not is_main_process():
         return Artifact(stage=ctx.stage, kind=ctx.kind, dir=ctx.stage_dir, path=final, fingerprint=ctx.fingerprint)
-    if not params.keep_checkpoints:
+    if not keep_checkpoints:
         shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
     return ctx.finish(final, cfg, metrics=metrics, extra=extra)

@@ -48,7 +48,9 @@ class SFTConfig(Config):
     model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
     data: str | list[DataSource] = Field(description="Chat data: a stage, dataset dir, file or Hub id; or a weighted list of sources.")
     template: Literal[TemplateName, "tokenizer"] = Field("chatml", description="chatml, llama3, mistral, or tokenizer (the model's own).")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="What to train: full (all weights), lora (an adapter) or qlora (an adapter on a 4-bit base).")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="What to train: full (all weights, in fp32 with bf16 autocast; lr at most 1e-5 unless "
+        "train.lr is set), lora (an adapter) or qlora (an adapter on a 4-bit base).")
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence (packed).")
     batching: Literal["auto", "packed", "grouped", "padded"] = Field(
@@ -188,20 +190,21 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
 
     tokenizer, eot, new_ids = finetune.load_tokenizer(base, cfg.template, "sft", cfg.assistant_only_loss)
     convs, length_stats = split_by_length(convs, tokenizer, cfg.max_length, cfg.overlong)
-    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, cfg.train, precision, ctx.seed, "sft", new_ids)
     ds, eval_ds = setup.split_eval(datasets.Dataset.from_dict({"messages": convs}), cfg.eval_fraction, ctx.seed)
 
     out = ctx.stage_dir
     batching = batching_mode(cfg, precision)
-    args = setup.trainer_arguments(
-        cfg.train, out, precision, ctx.seed, cls=TRLConfig, evaluate=eval_ds is not None,
+    params = finetune.training_params(cfg.train, cfg.method, setup.set_by_user(cfg, "train", "lr"))
+    chosen = finetune.choices(params.lr, cfg.method, precision, ctx.quiet)
+    args = setup.trainer_arguments(  # before the model: see trainer_arguments
+        params, out, precision, ctx.seed, cls=TRLConfig, evaluate=eval_ds is not None,
         max_length=cfg.max_length, packing=batching == "packed", assistant_only_loss=cfg.assistant_only_loss,
         eos_token=eot, neftune_noise_alpha=cfg.neftune_alpha,  # the pad token: the tokenizer's own
         dataset_num_proc=None, train_sampling_strategy="group_by_length" if batching == "grouped" else "random")
+    model = finetune.load_model(base, tokenizer, cfg.method, cfg.lora, params, precision, ctx.seed, "sft", new_ids)
     trainer = _trainer_class(SFTTrainer, batching, ctx.seed)(
         model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.max_length,
-                                       frozen_weights=cfg.method != "full"))
+        callbacks=setup.make_callbacks(out, params, model.config, cfg.max_length, frozen_weights=cfg.method != "full"))
     compact = lm_head.use_compact_head(trainer.model.get_base_model() if cfg.method != "full" else trainer.model,
                                        trainer.args.device)
     setup.quiet_trainer(trainer, ctx.quiet)
@@ -209,14 +212,15 @@ def run(cfg: SFTConfig, ctx: RunContext) -> Artifact:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step,
-                               "conversations": len(ds), **length_stats, "world_size": ranks.world_size(),
-                               "batching": batching, "loss_head": "labelled positions" if compact else "trl"}
+                               "conversations": len(ds), **length_stats, "batching": batching,
+                               "loss_head": "labelled positions" if compact else "trl",
+                               **chosen}
     if eval_ds is not None:
         metrics["eval_loss"] = setup.final_evaluation(trainer, result.global_step)["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
-    metrics.update(setup.speed_metrics(out))
+    metrics.update(setup.run_metrics(trainer, out))
     final = finetune.save_final(trainer, cfg.method, cfg.merge, out, base, tokenizer, eot, ctx.quiet)
     if ranks.is_main_process():
         atomic_write_json(out / "data_stats.json", {**data_stats, **length_stats})
-    return setup.finish(ctx, cfg, final, cfg.train, metrics,
+    return setup.finish(ctx, cfg, final, cfg.train.keep_checkpoints, metrics,
                         extra={"base": base, "template": cfg.template, "eot": eot})
