@@ -220,6 +220,9 @@ CASES = [
     Case("eval-bad-model-ref", ["eval", "mtbench", "-m", "llama:7b", "--bench", "{w}/questions.jsonl",
                                 "--judge", "openai:j@http://127.0.0.1:9", "-o", "{w}/o"],
          ["'llama:7b'", "hf:PATH_OR_ID, vllm:PATH_OR_ID, gguf:FILE or openai:MODEL"]),
+    Case("eval-perplexity-of-an-api-model", ["run", "{w}/p.yaml"], ["perplexity of openai:gpt-4o", "full logits"],
+         {"p.yaml": pipeline(ev={"kind": "evaluate", "model": "openai:gpt-4o",
+                                 "perplexity": {"data": "{w}/notes.txt"}})}),
     Case("eval-show-missing", ["eval", "show", "{w}/nope.jsonl"], ["nope.jsonl"]),
     Case("eval-show-bad-line", ["eval", "show", "{w}/judgments_bad.jsonl"], ["judgments_bad.jsonl"]),
     # --- export --------------------------------------------------------------------------------

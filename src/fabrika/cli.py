@@ -292,7 +292,7 @@ def rl(
     reward: Optional[list[str]] = typer.Option(None, "--reward", help="Rewards and weights: judge=1,language=0.5 "
                                                "(judge, verifiable, language, length, format; repeatable)."),
     judge: Optional[str] = typer.Option(None, "--judge", help=described("rl", "rewards.judge.model")),
-    method: Optional[str] = typer.Option(None, help="full, lora or qlora."),
+    method: Optional[str] = typer.Option(None, help=described("rl", "method")),
     max_steps: Optional[int] = typer.Option(None, help=described("rl", "train.max_steps")),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     out: Path = OutOpt, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, quiet: bool = QuietOpt,

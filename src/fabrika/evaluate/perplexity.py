@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fabrika.errors import FabrikaError
+from fabrika.models.refs import parse_ref
 from fabrika.models.reference import check_fits, load_reference, model_parts, model_size, reference_placement
 
 
@@ -92,11 +93,15 @@ def gguf_perplexity(path: str, ids: list[int], context: int) -> dict[str, Any]:
 
 def perplexity(model_ref: str, source: str, context: int = 512, max_tokens: int = 16384,
                tokenizer_dir: str | None = None) -> dict[str, Any]:
-    """`model_ref` is hf:DIR, gguf:FILE, or a bare directory / .gguf path."""
+    """`model_ref` is hf:DIR, gguf:FILE, or a bare directory / .gguf path: the models whose every logit
+    fabrika can read (an API or vLLM model returns at most a few log-probabilities per token)."""
     from transformers import AutoTokenizer
 
-    kind, _, path = model_ref.partition(":") if model_ref.startswith(("hf:", "gguf:")) else (
-        "gguf" if model_ref.endswith(".gguf") else "hf", "", model_ref)
+    ref = parse_ref(model_ref)
+    if ref.kind not in ("hf", "gguf"):
+        raise FabrikaError(f"perplexity of {model_ref}: needs the model's full logits, so an hf: model or a gguf: "
+                           "file (a vllm: model is measured as hf:, an API model cannot be)")
+    kind, path = ref.kind, ref.path
     if kind == "gguf" and not tokenizer_dir:
         raise FabrikaError("perplexity on a GGUF file needs the HF tokenizer it came from (tokenizer: DIR), so that "
                            "both backends score the same token ids")
