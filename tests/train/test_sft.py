@@ -176,6 +176,11 @@ def test_prefer_from_sft(tmp_path, plain_base, loss, method, reference):
     assert m["tokens_per_s"] > 0 and m["mfu"] > 0
     assert m["reference"] == reference and m["lr"] == 1e-3  # the lr given is kept, full or not
     assert (art.path / "model.safetensors").exists() and art.path.name == "model"
+    # the model's own template (prefer's default) keeps sft's end of turn: answers still stop there
+    from transformers import AutoTokenizer, GenerationConfig
+
+    im_end = AutoTokenizer.from_pretrained(art.path).convert_tokens_to_ids("<|im_end|>")
+    assert art.extra["eot"] == "<|im_end|>" and im_end in GenerationConfig.from_pretrained(art.path).eos_token_id
 
 
 def test_prefer_rejects_data_without_pair_columns(tmp_path, plain_base):

@@ -45,16 +45,38 @@ def check_model(ref: str, setting: str) -> str:
     return ref
 
 
-def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
-    """generation_config stops at the end-of-turn token (and the plain eos) exactly as trained."""
-    from transformers import GenerationConfig
-
+def stop_ids(tokenizer, eot: str) -> list[int]:
+    """The ids generation stops at: the end-of-turn token, then the plain eos."""
     ids = []
     for tok in (eot, tokenizer.eos_token):
         i = tokenizer.convert_tokens_to_ids(tok)
         if i is not None and i not in ids:
             ids.append(i)
-    GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id,
+    return ids
+
+
+def saved_end_of_turn(model: str, tokenizer) -> str:
+    """The end-of-turn token of a model trained on its own chat template: the one its generation config
+    stops at besides eos (what a fine-tune saved there, e.g. <|im_end|>), else the tokenizer's eos. A
+    stage that keeps the model's template must end answers there too, and save the same contract;
+    stopping at eos alone lets the next fine-tune's answers run on past the turn."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        return tokenizer.eos_token
+    for i in [ids] if isinstance(ids, int) else (ids or []):
+        if i != tokenizer.eos_token_id and i < len(tokenizer):
+            return tokenizer.convert_ids_to_tokens(i)
+    return tokenizer.eos_token
+
+
+def save_generation_contract(model_dir: Path, tokenizer, eot: str) -> None:
+    """generation_config stops at the end-of-turn token (and the plain eos) exactly as trained."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(eos_token_id=stop_ids(tokenizer, eot), pad_token_id=tokenizer.pad_token_id,
                      bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
 
 

@@ -17,7 +17,7 @@ from fabrika import ranks
 from fabrika.config import Config
 from fabrika.errors import FabrikaError
 from fabrika.models.model_dir import (ADAPTER_DIR, MODEL_DIR, check_model, merge_adapter, model_path,
-                                      save_generation_contract)
+                                      save_generation_contract, saved_end_of_turn)
 from fabrika.models.templates import TEMPLATES
 from fabrika.train import setup
 
@@ -86,6 +86,8 @@ def load_tokenizer(base: str, template: str, stage: str, need_generation_marker:
         raise FabrikaError(f"{stage}.model: cannot load the tokenizer of {base!r}: {e}") from None
     before = len(tokenizer)
     eot, added = apply_template(tokenizer, template, need_generation_marker, stage)
+    if template == "tokenizer":
+        eot = saved_end_of_turn(base, tokenizer)
     return tokenizer, eot, list(range(before, len(tokenizer))) if added else []
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fabrika.artifacts import Artifact, RunContext
 from fabrika.config import Config
@@ -45,6 +45,11 @@ class PreferConfig(Config):
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction of pairs.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
     train: setup.TrainParams = Field(default_factory=_prefer_train_defaults, description="Optimisation settings.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_defaults(cls, v: Any) -> Any:
+        return setup.over_defaults(_prefer_train_defaults, v)
 
 
 CONFIG = PreferConfig

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
@@ -24,6 +24,7 @@ from fabrika.data.formats import RowError, prompt_messages
 from fabrika.data.sources import load_dataset_any
 from fabrika.errors import FabrikaError
 from fabrika.models import plan
+from fabrika.models.model_dir import stop_ids
 from fabrika.models.templates import TemplateName
 from fabrika.train import rewards as R
 from fabrika.train import finetune, setup
@@ -90,13 +91,10 @@ class RLConfig(Config):
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
     train: setup.TrainParams = Field(default_factory=_rl_train_defaults, description="Optimisation settings.")
 
-    @model_validator(mode="before")
+    @field_validator("train", mode="before")
     @classmethod
-    def _train_over_defaults(cls, data: Any) -> Any:
-        """`train: {max_steps: 20}` changes max_steps and keeps the other RL defaults (lr, logging, ...)."""
-        if isinstance(data, dict) and isinstance(data.get("train"), dict):
-            data = {**data, "train": {**_rl_train_defaults().model_dump(exclude_unset=True), **data["train"]}}
-        return data
+    def _train_over_defaults(cls, v: Any) -> Any:
+        return setup.over_defaults(_rl_train_defaults, v)
 
     @model_validator(mode="after")
     def _groups(self) -> "RLConfig":
@@ -237,31 +235,6 @@ def _trainer_class():
     return Trainer
 
 
-def model_end_of_turn(base: str, tokenizer, eot: str) -> str:
-    """With the model's own template, the end-of-turn token is the one its generation config stops at
-    besides eos (what sft saved there, e.g. <|im_end|>), not the tokenizer's eos: completions must end
-    where the model's chat answers end, and the saved model must keep stopping there."""
-    from transformers import GenerationConfig
-
-    try:
-        ids = GenerationConfig.from_pretrained(base).eos_token_id
-    except OSError:
-        return eot
-    for i in [ids] if isinstance(ids, int) else (ids or []):
-        if i != tokenizer.eos_token_id and i < len(tokenizer):
-            return tokenizer.convert_ids_to_tokens(i)
-    return eot
-
-
-def _eos_ids(tokenizer, eot: str) -> list[int]:
-    ids = []
-    for tok in (eot, tokenizer.eos_token):
-        i = tokenizer.convert_tokens_to_ids(tok)
-        if i is not None and i not in ids:
-            ids.append(i)
-    return ids
-
-
 def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     import datasets
     from trl import GRPOConfig
@@ -271,14 +244,12 @@ def run(cfg: RLConfig, ctx: RunContext) -> Artifact:
     vllm = vllm_arguments(cfg)
     base = finetune.starting_model(cfg.model, ctx, "rl")
     tokenizer, eot, _ = finetune.load_tokenizer(base, cfg.template, "rl")
-    if cfg.template == "tokenizer":
-        eot = model_end_of_turn(base, tokenizer, eot)
     enabled = cfg.rewards.enabled()
     need_language = "language" in enabled or "judge" in enabled
     source = ctx.resolve(cfg.data)
     rows, data_stats = load_prompts(cfg, source, need_language)
 
-    eos_ids = _eos_ids(tokenizer, eot)
+    eos_ids = stop_ids(tokenizer, eot)
     out = ctx.stage_dir
     codes = tuple(sorted(set(cfg.languages) | {r["language"] for r in rows if r.get("language")}))
     funcs: list[Any] = []

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from fabrika.artifacts import Artifact, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
@@ -80,6 +80,21 @@ def sharding() -> str | None:
         if os.environ.get(var, "").lower() in ("1", "true"):
             return name
     return None
+
+
+def over_defaults(defaults: Callable[[], TrainParams], given: Any) -> Any:
+    """A stage's `train:` section read over the stage's own defaults: `train: {max_steps: 20}` in sft
+    changes max_steps and keeps sft's lr, batch and schedule, not TrainParams' generic ones. What the
+    user wrote stays marked as written (set_by_user), so a default may still be adapted to the method
+    and a given value never is. An invalid section is handed back as written, for pydantic to name
+    each bad setting under `train.`."""
+    if not isinstance(given, dict):
+        return given
+    try:
+        params = TrainParams.model_validate({**defaults().model_dump(), **given})
+    except ValidationError:
+        return given
+    return TrainParams.model_construct(_fields_set=set(given), **dict(params))
 
 
 def set_by_user(cfg: Config, *path: str) -> bool:

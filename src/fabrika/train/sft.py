@@ -63,6 +63,11 @@ class SFTConfig(Config):
     merge: bool = Field(True, description="Also save the adapter merged into the base model.")
     train: setup.TrainParams = Field(default_factory=_sft_train_defaults, description="Optimisation settings.")
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_defaults(cls, v: Any) -> Any:
+        return setup.over_defaults(_sft_train_defaults, v)
+
     @field_validator("data")
     @classmethod
     def _sources(cls, v):
