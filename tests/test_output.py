@@ -6,6 +6,7 @@ The terminal is a real pseudo-terminal, so rich and tqdm decide as they would fo
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -76,6 +77,9 @@ def test_quiet_means_no_bar_anywhere(tmp_path, small_corpus, chat_model):
                 "--set", "train.batch_size=2", "--set", "train.eval_steps=null", "--set", "eval_fraction=0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not [b for b in bars if b in r.stdout + r.stderr], (r.stdout + r.stderr)[-3000:]
+    # --max-steps and the --set train settings change only themselves: sft's own defaults stay
+    train = json.loads((tmp_path / "sft" / "manifest.json").read_text())["config"]["train"]
+    assert (train["max_steps"], train["batch_size"], train["lr"], train["grad_accum"]) == (1, 2, 2e-4, 4)
 
 
 def test_what_fabrika_says_inside_a_stage_stays_on_screen(tmp_path):
