@@ -70,7 +70,10 @@ def _type_name(annotation: Any) -> str:
 def _default(field: Any) -> str:
     if field.is_required():
         return "**required**"
-    value = field.get_default(call_default_factory=True)
+    return _shown(field.get_default(call_default_factory=True))
+
+
+def _shown(value: Any) -> str:
     if isinstance(value, BaseModel):
         return "(see below)"
     if isinstance(value, enum.Enum):
@@ -82,17 +85,21 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _rows(model: type[BaseModel], prefix: str = "", values: BaseModel | None = None) -> list[str]:
+    """One row per setting. A section whose default a stage makes itself (sft's `train:` with sft's
+    learning rate) shows that stage's values, not the section model's generic ones."""
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _submodel(field.annotation)
-        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
-                    f"{_cell(field.description or '')} |")
+        default = _default(field) if values is None else _shown(getattr(values, name))
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {_cell(field.description or '')} |")
         if sub is not None:
-            nested.append((key, sub))
-    for key, sub in nested:
-        rows += _rows(sub, f"{key}.")
+            inner = getattr(values, name) if values is not None else (
+                None if field.is_required() else field.get_default(call_default_factory=True))
+            nested.append((key, sub, inner if isinstance(inner, BaseModel) else None))
+    for key, sub, inner in nested:
+        rows += _rows(sub, f"{key}.", inner)
     return rows
 
 
@@ -108,7 +115,9 @@ def render() -> str:
            "A pipeline file holds the top-level keys below and one entry per stage under `stages:`; a "
            "stage's `kind` (default: its key) picks its settings from the sections that follow. The same "
            "settings go into `fabrika <stage> --config FILE`, and any key can be set with "
-           "`--set a.b=value`. Dotted keys are nested mappings.", "",
+           "`--set a.b=value`. Dotted keys are nested mappings; a section given in part "
+           "(`train: {max_steps: 20}`) changes only the keys it names, and the tables show each stage's "
+           "own defaults.", "",
            "## Pipeline file", "", *_table(PipelineConfig)]
     for kind, module_name in STAGES.items():
         config = importlib.import_module(module_name).CONFIG
