@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fabrika.errors import FabrikaError
+from fabrika.ranks import is_main_process, leave_process_group
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fabrika: an LLM factory. Distil, pretrain, fine-tune, evaluate and export from one config.")
@@ -138,7 +139,6 @@ def run(
     """Run a pipeline: every stage in order, reusing finished ones whose inputs did not change."""
     from fabrika.pipeline import load_pipeline, run_pipeline
     from fabrika.runs import status_table
-    from fabrika.ranks import is_main_process
 
     if gpus is not None:
         if not dry_run:
@@ -447,7 +447,13 @@ def main() -> None:
     _help_from_config()
 
     try:
-        app()
+        try:
+            app()
+        except SystemExit as e:
+            if e.code in (None, 0):
+                leave_process_group()
+            raise
+        leave_process_group()
     except FabrikaError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)

@@ -44,6 +44,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def leave_process_group() -> None:
+    """Destroy the launch's process group, if this process joined one, before the interpreter exits:
+    left to the interpreter's teardown, the communicator's threads may be torn down in any order
+    (PyTorch asks for this call; NCCL warns without it). Called only after a command succeeded: on
+    failure another rank may still sit in a collective, and the launcher ends every process anyway."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # commands that never trained did not import it
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Ranks:
     def __init__(self, run_dir: Path) -> None:
         self.leader = is_main_process()
