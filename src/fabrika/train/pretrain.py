@@ -106,24 +106,19 @@ def _tokenizer_path(cfg: PretrainConfig, ctx: RunContext, data_dir: Path, index:
     return str(data_dir / index.get("tokenizer", "tokenizer"))
 
 
-def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    attention = setup.attention(cfg.train, precision)
-
+def _model_config(cfg: PretrainConfig, ctx: RunContext, tokenizer):
+    """The model's config, read (init_from) or built before the data or the weights load, so that a
+    setting it contradicts (seq_len past its positions, a tokenizer larger than its vocabulary) is
+    named first, not taken for too little data or met after minutes of loading."""
     if cfg.init_from:
-        source = ctx.resolve(cfg.init_from)
-        dtype = torch.bfloat16 if setup.weights_dtype("full", precision) == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention, dtype=dtype)
-        hf_config = model.config
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(ctx.resolve(cfg.init_from))
     else:
         hf_config = cfg.model.to_hf_config(vocab_size=len(tokenizer))
         hf_config.bos_token_id = tokenizer.bos_token_id
         hf_config.eos_token_id = tokenizer.eos_token_id
         hf_config.pad_token_id = tokenizer.pad_token_id
-        torch.manual_seed(ctx.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
     positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if positions and cfg.seq_len > positions:
         raise FabrikaError(f"pretrain.seq_len: {cfg.seq_len} exceeds the model's {positions} positions "
@@ -132,7 +127,20 @@ def _build_model(cfg: PretrainConfig, ctx: RunContext, tokenizer, precision: str
         raise FabrikaError(f"pretrain: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                            f"{hf_config.vocab_size}")
     check_loads_back(tokenizer, hf_config, "pretrain.model.arch")
-    return model
+    return hf_config
+
+
+def _build_model(cfg: PretrainConfig, ctx: RunContext, hf_config, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    attention = setup.attention(cfg.train, precision)
+    if cfg.init_from:
+        dtype = torch.bfloat16 if setup.weights_dtype("full", precision) == "bf16" else torch.float32
+        return AutoModelForCausalLM.from_pretrained(ctx.resolve(cfg.init_from), attn_implementation=attention,
+                                                    dtype=dtype)
+    torch.manual_seed(ctx.seed)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
 
 
 def estimate(cfg: PretrainConfig, ctx: RunContext) -> dict[str, Any]:
@@ -163,11 +171,12 @@ def run(cfg: PretrainConfig, ctx: RunContext) -> Artifact:
     data_dir = _data_dir(cfg, ctx)
     index = read_index(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg, ctx, data_dir, index))
+    hf_config = _model_config(cfg, ctx, tokenizer)
     train_ds, val_ds = _load_data(cfg, data_dir, index)
 
     out = ctx.stage_dir
     args = setup.trainer_arguments(cfg.train, out, precision, ctx.seed, evaluate=len(val_ds) > 0)  # see its docstring
-    model = _build_model(cfg, ctx, tokenizer, precision)
+    model = _build_model(cfg, ctx, hf_config, precision)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
                       callbacks=setup.make_callbacks(out, cfg.train, model.config, cfg.seq_len))
 
