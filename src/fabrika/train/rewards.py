@@ -14,13 +14,25 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from fabrika.config import Config
 from fabrika.data import filters as F
 from fabrika.errors import FabrikaError
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern, re.S)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]  # a pattern checked when the config loads
+
 
 class RewardParams(Config):
     weight: float = Field(1.0, description="Weight of this reward in the sum the policy maximises.")
@@ -62,15 +74,10 @@ class LengthReward(RewardParams):
 class FormatReward(RewardParams):
     """The share of the template checks an answer passes."""
 
-    pattern: str | None = Field(None, description="A regular expression the whole answer must match.")
+    pattern: Regex | None = Field(None, description="A regular expression the whole answer must match.")
     ends_with: str | None = Field(None, description="Text the answer must end with (trailing spaces ignored).")
     stopped: bool = Field(False, description="The answer must end by itself (end-of-turn), not be cut at "
                           "max_completion_length.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        return _check_regex(v)
 
     @model_validator(mode="after")
     def _some_check(self) -> "FormatReward":
@@ -87,15 +94,10 @@ class VerifiableReward(RewardParams):
         "(maths); regex: the answer matches `pattern` (or the row's reference as a pattern); json: the answer is JSON "
         "(valid against `schema` when given).")
     reference: str | None = Field("answer", description="Column with each row's reference answer.")
-    pattern: str | None = Field(None, description="regex mode: the pattern (default: the reference column's value).")
+    pattern: Regex | None = Field(None, description="regex mode: the pattern (default: the reference column's value).")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="json mode: a JSON Schema the answer "
                                            "must satisfy.")
     tolerance: float = Field(1e-6, ge=0, description="numeric mode: relative tolerance.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        return _check_regex(v)
 
     @model_validator(mode="after")
     def _needs(self) -> "VerifiableReward":
@@ -114,15 +116,6 @@ class VerifiableReward(RewardParams):
 
     def columns(self) -> list[str]:
         return [self.reference] if self.reference and (self.mode != "regex" or not self.pattern) else []
-
-
-def _check_regex(pattern: str | None) -> str | None:
-    if pattern is not None:
-        try:
-            re.compile(pattern, re.S)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-    return pattern
 
 
 # --- scoring ----------------------------------------------------------------------------------
