@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from fabrika.artifacts import Artifact, RunContext
 from fabrika.config import Config
@@ -30,6 +30,9 @@ def _prefer_train_defaults() -> setup.TrainParams:
                              schedule="cosine", min_lr_ratio=0.0, eval_steps=50, save_steps=100, adam_beta2=0.999)
 
 
+PreferTrain = setup.stage_train(_prefer_train_defaults)
+
+
 class PreferConfig(Config):
     model: str = Field(description="Starting model: an sft stage, a model directory, hf:ID or Hub id.")
     data: str = Field(description="Preference pairs (prompt/chosen/rejected): a stage, dataset dir, file or Hub id.")
@@ -44,12 +47,7 @@ class PreferConfig(Config):
     max_length: int = Field(1024, ge=16, description="Prompt + answer tokens kept.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction of pairs.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
-    train: setup.TrainParams = Field(default_factory=_prefer_train_defaults, description="Optimisation settings.")
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_over_defaults(cls, v: Any) -> Any:
-        return setup.over_defaults(_prefer_train_defaults, v)
+    train: PreferTrain
 
 
 CONFIG = PreferConfig

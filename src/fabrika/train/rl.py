@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from fabrika import ranks
 from fabrika.artifacts import Artifact, RunContext, atomic_write_json, read_jsonl
@@ -72,6 +72,9 @@ def _rl_train_defaults() -> setup.TrainParams:
                              schedule="constant", eval_steps=None, save_steps=50, logging_steps=1, adam_beta2=0.999)
 
 
+RLTrain = setup.stage_train(_rl_train_defaults)
+
+
 class RLConfig(Config):
     model: str = Field(description="Starting model: a stage (base, sft, prefer), a model directory, hf:ID or Hub id.")
     data: str = Field(description="Prompts: a collect stage, a dataset directory, a file or a Hub id.")
@@ -89,12 +92,7 @@ class RLConfig(Config):
     lora: LoraParams = Field(default_factory=LoraParams, description="Adapter settings for lora/qlora.")
     template: Literal[TemplateName, "tokenizer"] = Field("tokenizer", description="Chat template: the model's own (from sft) by default.")
     merge: bool = Field(True, description="Also save the adapter merged into the model.")
-    train: setup.TrainParams = Field(default_factory=_rl_train_defaults, description="Optimisation settings.")
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_over_defaults(cls, v: Any) -> Any:
-        return setup.over_defaults(_rl_train_defaults, v)
+    train: RLTrain
 
     @model_validator(mode="after")
     def _groups(self) -> "RLConfig":

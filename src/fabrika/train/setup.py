@@ -17,9 +17,9 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from fabrika.artifacts import Artifact, RunContext, atomic_write_text, read_jsonl
 from fabrika.config import Config
@@ -82,19 +82,23 @@ def sharding() -> str | None:
     return None
 
 
-def over_defaults(defaults: Callable[[], TrainParams], given: Any) -> Any:
-    """A stage's `train:` section read over the stage's own defaults: `train: {max_steps: 20}` in sft
-    changes max_steps and keeps sft's lr, batch and schedule, not TrainParams' generic ones. What the
-    user wrote stays marked as written (set_by_user), so a default may still be adapted to the method
-    and a given value never is. An invalid section is handed back as written, for pydantic to name
-    each bad setting under `train.`."""
-    if not isinstance(given, dict):
-        return given
-    try:
-        params = TrainParams.model_validate({**defaults().model_dump(), **given})
-    except ValidationError:
-        return given
-    return TrainParams.model_construct(_fields_set=set(given), **dict(params))
+def stage_train(defaults: Callable[[], TrainParams]) -> Any:
+    """The type of a stage's `train:` field when the stage has defaults of its own (sft's lr 2e-4, ...):
+    a section given in part (`train: {max_steps: 20}`) changes only the keys it names and keeps the
+    stage's other defaults, not TrainParams' generic ones. What the user wrote stays marked as written
+    (set_by_user), so a default may still be adapted to the method and a given value never is."""
+
+    def over_defaults(given: Any) -> Any:
+        if not isinstance(given, dict):
+            return given
+        try:
+            params = TrainParams.model_validate({**defaults().model_dump(), **given})
+        except ValidationError:  # handed back as written: pydantic names each bad setting under `train.`
+            return given
+        return TrainParams.model_construct(_fields_set=set(given), **dict(params))
+
+    return Annotated[TrainParams, BeforeValidator(over_defaults),
+                     Field(default_factory=defaults, description="Optimisation settings.")]
 
 
 def set_by_user(cfg: Config, *path: str) -> bool:

@@ -44,6 +44,9 @@ def _sft_train_defaults() -> setup.TrainParams:
                              schedule="cosine", min_lr_ratio=0.0, eval_steps=50, save_steps=100, adam_beta2=0.999)
 
 
+SFTTrain = setup.stage_train(_sft_train_defaults)
+
+
 class SFTConfig(Config):
     model: str = Field(description="Base model: a stage name, hf:ID, a model directory or Hub id.")
     data: str | list[DataSource] = Field(description="Chat data: a stage, dataset dir, file or Hub id; or a weighted list of sources.")
@@ -61,12 +64,7 @@ class SFTConfig(Config):
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Held-out fraction for eval loss.")
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise (e.g. 5).")
     merge: bool = Field(True, description="Also save the adapter merged into the base model.")
-    train: setup.TrainParams = Field(default_factory=_sft_train_defaults, description="Optimisation settings.")
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_over_defaults(cls, v: Any) -> Any:
-        return setup.over_defaults(_sft_train_defaults, v)
+    train: SFTTrain
 
     @field_validator("data")
     @classmethod
