@@ -4,7 +4,9 @@ numbers of one pass over all the logits."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from fabrika.errors import FabrikaError
 from fabrika.export import imatrix, verify
 from fabrika.models.reference import Part, Placement, check_fits, model_size, shortfall
+from helpers import run_cli
 
 CPU = Placement("cpu", "float32")
 GPU = Placement("cuda", "bfloat16")
@@ -113,3 +116,18 @@ def test_windows_aggregate_over_all_positions():
     assert total["max_abs_diff"] == max(e["max_abs_diff"] for e in each)
     nll = [math.log(e["ppl"]) for e in each]
     assert math.log(total["ppl"]) == pytest.approx((nll[0] * 99 + nll[1] * 36) / 135)
+
+
+def test_export_of_a_model_too_large_for_this_machine_stops_before_writing_anything(tmp_path, chat_model):
+    """The installed command, on a model whose config says 300B parameters: the memory check refuses
+    it, names the step and the sizes, and no GGUF file is started (its weights are never read)."""
+    model = tmp_path / "huge"
+    shutil.copytree(chat_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=53248, num_hidden_layers=96, num_attention_heads=128,
+                  num_key_value_heads=8, head_dim=128)
+    (model / "config.json").write_text(json.dumps(config))
+    r = run_cli("export", str(model), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "export verification: needs about" in r.stderr and "is free" in r.stderr
+    assert not list((tmp_path / "out").glob("*.gguf*"))
